@@ -1,0 +1,1 @@
+"""Datasets, tokenizers, preprocessing and grain input pipelines."""

@@ -1,0 +1,1 @@
+"""Evaluators: zero-shot classification, retrieval, compositional benchmarks."""

@@ -1,0 +1,1 @@
+"""Image-text memory: embedding a corpus into shards and searching it."""

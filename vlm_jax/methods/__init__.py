@@ -1,0 +1,1 @@
+"""One module per method: its loss, its model wrapper and its tasks."""

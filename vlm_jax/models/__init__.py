@@ -1,0 +1,1 @@
+"""Flax NNX models: CLIP/SigLIP towers and the method-specific heads built on them."""

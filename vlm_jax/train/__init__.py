@@ -1,0 +1,1 @@
+"""The training loop, sharding and checkpointing shared by every method."""

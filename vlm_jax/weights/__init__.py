@@ -1,0 +1,1 @@
+"""Import and export of pretrained checkpoints (Hugging Face safetensors CLIP/SigLIP)."""
