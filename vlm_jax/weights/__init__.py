@@ -1,1 +1,6 @@
 """Import and export of pretrained checkpoints (Hugging Face safetensors CLIP/SigLIP)."""
+
+from vlm_jax.weights.hf_clip import CheckpointMismatchError
+from vlm_jax.weights.pretrained import Pretrained, load_model, load_pretrained, save_pretrained
+
+__all__ = ["CheckpointMismatchError", "Pretrained", "load_model", "load_pretrained", "save_pretrained"]
