@@ -386,24 +386,29 @@ def hard_negatives(scene: Scene, rng: np.random.Generator) -> dict[str, str]:
 
 
 def _polygon(shape: str) -> list[tuple[float, float]]:
-    """Vertices in the unit square for the polygonal shapes."""
+    """Vertices of a polygonal shape, stretched to touch all four sides of the unit square."""
     if shape == "square":
-        return [(0.08, 0.08), (0.92, 0.08), (0.92, 0.92), (0.08, 0.92)]
-    if shape == "triangle":
-        return [(0.5, 0.0), (1.0, 1.0), (0.0, 1.0)]
-    if shape == "diamond":
-        return [(0.5, 0.0), (1.0, 0.5), (0.5, 1.0), (0.0, 0.5)]
-    if shape == "star":
+        points = [(0, 0), (1, 0), (1, 1), (0, 1)]
+    elif shape == "triangle":
+        points = [(0.5, 0), (1, 1), (0, 1)]
+    elif shape == "diamond":
+        points = [(0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5)]
+    elif shape == "star":
         angles = -np.pi / 2 + np.arange(10) * np.pi / 5
-        radii = np.where(np.arange(10) % 2 == 0, 0.5, 0.21)
-        return [(0.5 + r * np.cos(a), 0.52 + r * np.sin(a)) for r, a in zip(radii, angles)]
-    if shape == "hexagon":
+        radii = np.where(np.arange(10) % 2 == 0, 1.0, 0.42)
+        points = list(zip(radii * np.cos(angles), radii * np.sin(angles)))
+    elif shape == "hexagon":
         angles = np.arange(6) * np.pi / 3
-        return [(0.5 + 0.5 * np.cos(a), 0.5 + 0.5 * np.sin(a)) for a in angles]
-    if shape == "cross":
+        points = list(zip(np.cos(angles), np.sin(angles)))
+    elif shape == "cross":
         a, b = 0.32, 0.68
-        return [(a, 0), (b, 0), (b, a), (1, a), (1, b), (b, b), (b, 1), (a, 1), (a, b), (0, b), (0, a), (a, a)]
-    raise ValueError(f"No polygon for shape {shape!r}.")
+        points = [(a, 0), (b, 0), (b, a), (1, a), (1, b), (b, b), (b, 1), (a, 1), (a, b), (0, b), (0, a), (a, a)]
+    else:
+        raise ValueError(f"No polygon for shape {shape!r}.")
+    xs, ys = np.asarray(points, dtype=np.float64).T
+    xs = (xs - xs.min()) / (xs.max() - xs.min())
+    ys = (ys - ys.min()) / (ys.max() - ys.min())
+    return list(zip(xs.tolist(), ys.tolist()))
 
 
 @functools.lru_cache(maxsize=4096)
