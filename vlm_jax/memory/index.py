@@ -1,0 +1,524 @@
+"""Memory search: one interface, several backends, chosen by a config string.
+
+    index = build_index({"backend": "scann"}, keys)       # keys: float32 [N, D]
+    scores, ids = index.search(queries, k=10)              # float32 [Q, k], int64 [Q, k]
+    index.save(directory); index = load_index(directory)
+
+Backends (`IndexConfig.backend`):
+  "exact"   matmul + `jax.lax.top_k` on the accelerator. The memory is sharded along its row axis over
+            a mesh; each shard returns its own top-k, and the shards' candidates are merged into the
+            global top-k. Exact.
+  "approx"  the same, with `jax.lax.approx_max_k` per shard (TPU's partial-reduction top-k) at
+            `recall_target`.
+  "scann"   ScaNN on the host: k-means tree + anisotropic quantization (AH) + exact reordering,
+            optionally with SOAR spilling. Memories smaller than `min_rows_for_tree` are searched by
+            ScaNN's brute force instead (logged).
+New backends subclass `MemoryIndex` and register with `@register_index("name")`.
+
+Ids. The id of a neighbour is the row of `keys` it came from: row i of the array given to
+`build_index` has id i. Callers that hold memory values (texts, images, labels) in row order index
+them with the ids directly.
+
+Scores. With `normalize=True` (the default) keys and queries are L2-normalized, so scores are cosine
+similarities; otherwise they are raw dot products.
+
+Exclusion. `search(..., exclude_ids=...)` drops given memory rows per query (e.g. the query's own row
+when training on data that is also in memory), and `dedup_threshold` drops every neighbour whose score
+with the query is >= the threshold (near-duplicates of the query). Device backends mask those rows
+before their top-k, so the result is the exact top-k of what remains. ScaNN over-retrieves
+k + (number of excluded ids) + `dedup_margin` neighbours, filters them, and searches again with twice
+as many for the queries left with fewer than k, until k remain or the search returns no more. Every
+search returns exactly k columns; where fewer than k neighbours remain (k > N - excluded, or an
+approximate search that found fewer) the missing tail of a row has id -1 and score -inf.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+import math
+from typing import Any, ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+_METADATA_FILE = "index.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexConfig:
+    """Memory-search settings; fields a backend does not use are ignored by it.
+
+    Shared:
+      backend: registered backend name ("exact", "approx", "scann").
+      normalize: L2-normalize keys and queries (cosine scores).
+      batch_size: queries per search step.
+      dedup_threshold: drop neighbours scoring >= this with the query (None: keep all).
+      dedup_margin: extra neighbours a host backend fetches when dedup_threshold is set.
+    Device backends ("exact", "approx"):
+      mesh_axes: mesh axes the memory rows are sharded over (None: all axes of the mesh).
+      dtype: storage and matmul-input dtype of the memory ("float32" or "bfloat16"); scores are float32.
+      recall_target: per-shard recall target of `jax.lax.approx_max_k` ("approx" only).
+    ScaNN (None means: chosen from the memory size N when the index is built, see `_resolve_scann`):
+      num_leaves, leaves_to_search, training_sample_size: k-means tree partitioning.
+      dims_per_block, anisotropic_quantization_threshold: asymmetric hashing.
+      reorder_k: candidates rescored exactly after AH scoring.
+      soar_lambda, overretrieve_factor: SOAR spilling (each row also joins a second, near-orthogonal leaf).
+      num_threads: search threads (0: all cores; 1: the calling thread only).
+      min_rows_for_tree: smaller memories use ScaNN brute force instead of a tree.
+    """
+
+    backend: str = "exact"
+    normalize: bool = True
+    batch_size: int = 1024
+    dedup_threshold: float | None = None
+    dedup_margin: int = 16
+    mesh_axes: tuple[str, ...] | None = None
+    dtype: str = "float32"
+    recall_target: float = 0.95
+    num_leaves: int | None = None
+    leaves_to_search: int | None = None
+    training_sample_size: int | None = None
+    dims_per_block: int = 2
+    anisotropic_quantization_threshold: float = 0.2
+    reorder_k: int | None = None
+    soar_lambda: float | None = 1.5
+    overretrieve_factor: float | None = 2.0
+    num_threads: int = 0
+    min_rows_for_tree: int = 2048
+
+    @classmethod
+    def from_any(cls, config: "IndexConfig | Mapping[str, Any] | str") -> "IndexConfig":
+        """Accepts an IndexConfig, a mapping (dict, ml_collections.ConfigDict) or a bare backend name."""
+        if isinstance(config, cls):
+            return config
+        if isinstance(config, str):
+            return cls(backend=config)
+        values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+        unknown = sorted(set(values) - {field.name for field in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(
+                f"unknown memory index config fields {unknown}; valid fields are "
+                f"{[field.name for field in dataclasses.fields(cls)]}."
+            )
+        if values.get("mesh_axes") is not None:
+            values["mesh_axes"] = tuple(values["mesh_axes"])
+        return cls(**values)
+
+
+# Fields that only change how a built index is searched; `load_index` may override these and no others.
+_SEARCH_TIME_FIELDS = frozenset(
+    {
+        "batch_size",
+        "dedup_threshold",
+        "dedup_margin",
+        "mesh_axes",
+        "dtype",
+        "recall_target",
+        "leaves_to_search",
+        "reorder_k",
+        "num_threads",
+    }
+)
+
+
+class MemoryIndex(abc.ABC):
+    """A searchable memory of `num_rows` keys of width `dim`; see the module docstring for semantics."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: IndexConfig, num_rows: int, dim: int):
+        self.config = config
+        self.num_rows = num_rows
+        self.dim = dim
+
+    @classmethod
+    @abc.abstractmethod
+    def build(cls, config: IndexConfig, keys: np.ndarray, mesh: jax.sharding.Mesh | None) -> "MemoryIndex":
+        """Builds the index over `keys` (float32 [N, D], already normalized if config.normalize)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def restore(
+        cls, directory: epath.Path, config: IndexConfig, num_rows: int, dim: int, mesh: jax.sharding.Mesh | None
+    ) -> "MemoryIndex":
+        """Reads what `_save_state` wrote."""
+
+    @abc.abstractmethod
+    def _save_state(self, directory: epath.Path) -> None:
+        """Writes the backend's arrays or assets into `directory`."""
+
+    @abc.abstractmethod
+    def _search_batch(self, queries: np.ndarray, k: int, exclude_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Searches one batch.
+
+        Args:
+          queries: float32 [B, D], normalized if config.normalize.
+          k: neighbours wanted, 1 <= k.
+          exclude_ids: int64 [B, E] memory rows to drop per query; -1 entries exclude nothing.
+
+        Returns:
+          scores float32 [B, k'] sorted descending and ids int64 [B, k'] with k' <= k; a slot without a
+          neighbour has id -1 and score -inf.
+        """
+
+    def search(
+        self, queries: np.ndarray, k: int, exclude_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Returns the k best memory rows for each query.
+
+        Args:
+          queries: float [Q, D] (a single query [D] is treated as Q = 1).
+          k: neighbours per query.
+          exclude_ids: int [Q] or [Q, E] memory row ids to drop per query; -1 entries exclude nothing.
+
+        Returns:
+          scores float32 [Q, k], best first, and ids int64 [Q, k] (rows of the memory's keys); slots
+          beyond the neighbours that remain after exclusion hold id -1 and score -inf.
+        """
+        queries = np.asarray(queries, dtype=np.float32)
+        if queries.ndim == 1:
+            queries = queries[None]
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"expected queries of shape [Q, {self.dim}], got {queries.shape}.")
+        if k < 1:
+            raise ValueError(f"expected k >= 1, got {k}.")
+        exclude_ids = self._exclusion_matrix(exclude_ids, len(queries))
+        if self.config.normalize:
+            queries = l2_normalize(queries)
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        step = self.config.batch_size
+        for start in range(0, len(queries), step):
+            stop = min(start + step, len(queries))
+            batch_scores, batch_ids = self._search_batch(queries[start:stop], k, exclude_ids[start:stop])
+            found = batch_scores.shape[1]
+            scores[start:stop, :found] = batch_scores
+            ids[start:stop, :found] = np.where(np.isneginf(batch_scores), -1, batch_ids)
+        return scores, ids
+
+    def save(self, directory: str | epath.PathLike) -> None:
+        """Writes the index to `directory` (created if missing); `load_index(directory)` restores it."""
+        path = epath.Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        self._save_state(path)
+        metadata = {
+            "backend": self.name,
+            "num_rows": self.num_rows,
+            "dim": self.dim,
+            "config": dataclasses.asdict(self.config),
+        }
+        (path / _METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+
+    def _exclusion_matrix(self, exclude_ids: np.ndarray | None, num_queries: int) -> np.ndarray:
+        if exclude_ids is None:
+            return np.full((num_queries, 0), -1, dtype=np.int64)
+        exclude_ids = np.asarray(exclude_ids, dtype=np.int64)
+        if exclude_ids.ndim == 1:
+            exclude_ids = exclude_ids[:, None]
+        if exclude_ids.ndim != 2 or exclude_ids.shape[0] != num_queries:
+            raise ValueError(f"expected exclude_ids of shape [{num_queries}] or [{num_queries}, E], got {exclude_ids.shape}.")
+        if exclude_ids.size and (exclude_ids.min() < -1 or exclude_ids.max() >= self.num_rows):
+            raise ValueError(
+                f"exclude_ids must be memory rows in [0, {self.num_rows}) or -1 for none; found values in "
+                f"[{exclude_ids.min()}, {exclude_ids.max()}]."
+            )
+        return exclude_ids
+
+
+_INDEX_CLASSES: dict[str, type[MemoryIndex]] = {}
+
+
+def register_index(name: str):
+    """Class decorator registering a MemoryIndex subclass under `name` (the config's `backend`)."""
+
+    def register(cls: type[MemoryIndex]) -> type[MemoryIndex]:
+        if name in _INDEX_CLASSES:
+            raise ValueError(f"memory index backend {name!r} is already registered by {_INDEX_CLASSES[name]}.")
+        cls.name = name
+        _INDEX_CLASSES[name] = cls
+        return cls
+
+    return register
+
+
+def get_index_class(name: str) -> type[MemoryIndex]:
+    """Returns the MemoryIndex subclass registered under `name`."""
+    if name not in _INDEX_CLASSES:
+        raise ValueError(f"unknown memory index backend {name!r}; expected one of {sorted(_INDEX_CLASSES)}.")
+    return _INDEX_CLASSES[name]
+
+
+def build_index(
+    config: IndexConfig | Mapping[str, Any] | str, keys: np.ndarray, mesh: jax.sharding.Mesh | None = None
+) -> MemoryIndex:
+    """Builds the configured backend over `keys` (float [N, D]); row i of `keys` gets id i.
+
+    `mesh` places the device backends (None: a 1-D mesh over all devices); ScaNN ignores it.
+    """
+    config = IndexConfig.from_any(config)
+    keys = np.asarray(keys, dtype=np.float32)
+    if keys.ndim != 2 or keys.shape[0] == 0:
+        raise ValueError(f"expected keys of shape [N, D] with N >= 1, got {keys.shape}.")
+    if config.normalize:
+        keys = l2_normalize(keys)
+    return get_index_class(config.backend).build(config, keys, mesh)
+
+
+def load_index(directory: str | epath.PathLike, mesh: jax.sharding.Mesh | None = None, **overrides: Any) -> MemoryIndex:
+    """Restores an index written by `MemoryIndex.save`.
+
+    `overrides` replace search-time config fields (batch_size, dedup_threshold, leaves_to_search,
+    num_threads, ...); fields that shaped the built index cannot change without rebuilding it.
+    """
+    path = epath.Path(directory)
+    metadata_path = path / _METADATA_FILE
+    if not metadata_path.exists():
+        raise FileNotFoundError(f"no {_METADATA_FILE} in {str(path)!r}; expected a directory written by MemoryIndex.save.")
+    metadata = json.loads(metadata_path.read_text())
+    fixed = sorted(set(overrides) - _SEARCH_TIME_FIELDS)
+    if fixed:
+        raise ValueError(f"config fields {fixed} are fixed when the index is built; rebuild it to change them.")
+    config = IndexConfig.from_any({**metadata["config"], **overrides})
+    return get_index_class(metadata["backend"]).restore(path, config, metadata["num_rows"], metadata["dim"], mesh)
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero); float32 [N, D] -> float32 [N, D]."""
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+class _DeviceIndex(MemoryIndex):
+    """Brute-force scoring on the accelerator, memory rows sharded over mesh axes, per-shard top-k merged."""
+
+    approximate: ClassVar[bool]
+
+    def __init__(self, config: IndexConfig, keys: np.ndarray, mesh: jax.sharding.Mesh | None):
+        super().__init__(config, num_rows=keys.shape[0], dim=keys.shape[1])
+        if mesh is None:
+            mesh = jax.make_mesh((jax.device_count(),), ("memory",), axis_types=(jax.sharding.AxisType.Explicit,))
+        self.mesh = mesh
+        self.axes = tuple(config.mesh_axes or mesh.axis_names)
+        missing = sorted(set(self.axes) - set(mesh.axis_names))
+        if missing:
+            raise ValueError(f"mesh_axes {missing} are not axes of the mesh {mesh.axis_names}.")
+        self.num_shards = math.prod(mesh.shape[axis] for axis in self.axes)
+        self.rows_per_shard = -(-self.num_rows // self.num_shards)
+        # Padding rows are zeros whose scores the search overwrites with -inf, so they never win.
+        padded = np.zeros((self.rows_per_shard * self.num_shards, self.dim), dtype=np.float32)
+        padded[: self.num_rows] = keys
+        self.keys = jax.device_put(padded.astype(config.dtype), NamedSharding(mesh, P(self.axes, None)))
+        self._search_fns: dict[tuple[int, int], Any] = {}
+
+    @classmethod
+    def build(cls, config, keys, mesh):
+        return cls(config, keys, mesh)
+
+    @classmethod
+    def restore(cls, directory, config, num_rows, dim, mesh):
+        with (directory / "keys.npy").open("rb") as f:
+            keys = np.load(f)
+        if keys.shape != (num_rows, dim):
+            raise ValueError(f"keys.npy in {str(directory)!r} has shape {keys.shape}, index.json says {(num_rows, dim)}.")
+        return cls(config, keys, mesh)
+
+    def _save_state(self, directory):
+        keys = np.asarray(jax.device_get(self.keys))[: self.num_rows].astype(np.float32)
+        with (directory / "keys.npy").open("wb") as f:
+            np.save(f, keys)
+
+    def _search_batch(self, queries, k, exclude_ids):
+        batch = len(queries)
+        # Batches are padded to a power of two (at most batch_size) to bound the number of compilations.
+        padded_batch = min(self.config.batch_size, 1 << (batch - 1).bit_length())
+        padded_queries = np.zeros((padded_batch, self.dim), dtype=np.float32)
+        padded_queries[:batch] = queries
+        padded_exclude = np.full((padded_batch, max(1, exclude_ids.shape[1])), -1, dtype=np.int32)
+        padded_exclude[:batch, : exclude_ids.shape[1]] = exclude_ids
+        local_k = min(k, self.rows_per_shard)
+        merged_k = min(k, local_k * self.num_shards)
+        if (local_k, merged_k) not in self._search_fns:
+            self._search_fns[(local_k, merged_k)] = self._make_search_fn(local_k, merged_k)
+        scores, ids = self._search_fns[(local_k, merged_k)](
+            self.keys, padded_queries.astype(self.config.dtype), padded_exclude
+        )
+        return np.asarray(scores)[:batch], np.asarray(ids)[:batch].astype(np.int64)
+
+    def _make_search_fn(self, local_k: int, merged_k: int):
+        axes, rows_per_shard, num_rows = self.axes, self.rows_per_shard, self.num_rows
+        threshold, recall_target, approximate = self.config.dedup_threshold, self.config.recall_target, self.approximate
+
+        def shard_top_k(keys, queries, exclude_ids):
+            # keys [rows_per_shard, D] (this shard), queries [B, D], exclude_ids [B, E] global rows.
+            scores = jnp.matmul(queries, keys.T, preferred_element_type=jnp.float32)
+            first_row = jax.lax.axis_index(axes) * rows_per_shard
+            row_ids = first_row + jnp.arange(rows_per_shard)
+            drop = jnp.broadcast_to(row_ids[None, :] >= num_rows, scores.shape)
+            if threshold is not None:
+                drop = drop | (scores >= threshold)
+            scores = jnp.where(drop, -jnp.inf, scores)
+            # Ids outside this shard map to an out-of-range column that mode="drop" ignores; negative
+            # local columns would otherwise wrap around to the end of the shard.
+            local = exclude_ids - first_row
+            local = jnp.where((local >= 0) & (local < rows_per_shard), local, rows_per_shard)
+            scores = scores.at[jnp.arange(scores.shape[0])[:, None], local].set(-jnp.inf, mode="drop")
+            if approximate:
+                values, columns = jax.lax.approx_max_k(scores, local_k, recall_target=recall_target)
+            else:
+                values, columns = jax.lax.top_k(scores, local_k)
+            return values, columns + first_row
+
+        shard_candidates = jax.shard_map(
+            shard_top_k,
+            mesh=self.mesh,
+            in_specs=(P(axes, None), P(), P()),
+            out_specs=(P(None, axes), P(None, axes)),
+        )
+        replicated = NamedSharding(self.mesh, P())
+
+        @jax.jit
+        def search(keys, queries, exclude_ids):
+            # [B, num_shards * local_k] candidates, gathered whole so the merge top-k sees all shards.
+            values, ids = shard_candidates(keys, queries, exclude_ids)
+            values = jax.sharding.reshard(values, replicated)
+            ids = jax.sharding.reshard(ids, replicated)
+            values, order = jax.lax.top_k(values, merged_k)
+            return values, jnp.take_along_axis(ids, order, axis=1)
+
+        return search
+
+
+@register_index("exact")
+class ExactIndex(_DeviceIndex):
+    """Exact top-k by matmul on the accelerator; memory rows sharded over the mesh."""
+
+    approximate = False
+
+
+@register_index("approx")
+class ApproxIndex(_DeviceIndex):
+    """`jax.lax.approx_max_k` per shard (fast on TPU; exact on CPU/GPU backends that lack it)."""
+
+    approximate = True
+
+
+def _resolve_scann(config: IndexConfig, num_rows: int) -> IndexConfig:
+    """Fills unset ScaNN fields from the memory size N.
+
+    num_leaves ~ sqrt(N) (each leaf holds ~sqrt(N) rows), leaves_to_search = 5% of the leaves with SOAR
+    and 10% without (never fewer than 8), training sample = min(N, 250k), reorder_k = 200.
+    """
+    num_leaves = config.num_leaves or max(2, round(math.sqrt(num_rows)))
+    fraction = 0.05 if config.soar_lambda is not None else 0.1
+    leaves_to_search = config.leaves_to_search or min(num_leaves, max(8, math.ceil(fraction * num_leaves)))
+    return dataclasses.replace(
+        config,
+        num_leaves=num_leaves,
+        leaves_to_search=leaves_to_search,
+        training_sample_size=config.training_sample_size or min(num_rows, 250_000),
+        reorder_k=config.reorder_k or 200,
+    )
+
+
+@register_index("scann")
+class ScannIndex(MemoryIndex):
+    """ScaNN tree + AH + exact reordering on the host (brute force for memories below min_rows_for_tree)."""
+
+    def __init__(self, config: IndexConfig, searcher, num_rows: int, dim: int):
+        super().__init__(config, num_rows, dim)
+        self.searcher = searcher
+        self.uses_tree = config.num_leaves is not None
+        if config.num_threads > 0:
+            searcher.set_num_threads(config.num_threads)
+
+    @classmethod
+    def build(cls, config, keys, mesh):
+        from scann.scann_ops.py import scann_ops_pybind
+
+        num_rows = keys.shape[0]
+        builder = scann_ops_pybind.builder(keys, 10, "dot_product")
+        if num_rows < config.min_rows_for_tree:
+            logging.warning(
+                "memory of %d rows is below min_rows_for_tree=%d: ScaNN searches it by brute force (exact).",
+                num_rows,
+                config.min_rows_for_tree,
+            )
+            config = dataclasses.replace(config, num_leaves=None, leaves_to_search=None, training_sample_size=None)
+            searcher = builder.score_brute_force().build()
+        else:
+            config = _resolve_scann(config, num_rows)
+            searcher = (
+                builder.tree(
+                    num_leaves=config.num_leaves,
+                    num_leaves_to_search=config.leaves_to_search,
+                    training_sample_size=config.training_sample_size,
+                    soar_lambda=config.soar_lambda,
+                    overretrieve_factor=config.overretrieve_factor if config.soar_lambda is not None else None,
+                )
+                .score_ah(
+                    config.dims_per_block,
+                    anisotropic_quantization_threshold=config.anisotropic_quantization_threshold,
+                    training_sample_size=config.training_sample_size,
+                )
+                .reorder(config.reorder_k)
+                .build()
+            )
+        return cls(config, searcher, num_rows, keys.shape[1])
+
+    @classmethod
+    def restore(cls, directory, config, num_rows, dim, mesh):
+        from scann.scann_ops.py import scann_ops_pybind
+
+        return cls(config, scann_ops_pybind.load_searcher(str(directory / "scann")), num_rows, dim)
+
+    def _save_state(self, directory):
+        assets = directory / "scann"
+        assets.mkdir(parents=True, exist_ok=True)
+        # Relative asset paths keep the saved index valid after the directory is moved or copied.
+        self.searcher.serialize(str(assets), relative_path=True)
+
+    def _search_batch(self, queries, k, exclude_ids):
+        threshold = self.config.dedup_threshold
+        margin = self.config.dedup_margin if threshold is not None else 0
+        num_excluded = int((exclude_ids >= 0).sum(axis=1).max()) if exclude_ids.size else 0
+        fetch = min(self.num_rows, k + num_excluded + margin)
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        pending = np.arange(len(queries))
+        while len(pending):
+            found_ids, found_scores = self._scann_search(queries[pending], fetch)
+            found_ids = found_ids.astype(np.int64)
+            # ScaNN fills slots it could not fill with NaN scores.
+            exhausted = np.isnan(found_scores).any(axis=1) | (fetch >= self.num_rows)
+            keep = ~np.isnan(found_scores)
+            if exclude_ids.shape[1]:
+                keep &= ~(found_ids[:, :, None] == exclude_ids[pending][:, None, :]).any(axis=2)
+            if threshold is not None:
+                keep &= found_scores < threshold
+            # A stable sort moves kept neighbours to the front and keeps them in score order.
+            order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+            kept = np.take_along_axis(keep, order, axis=1)
+            scores[pending, : order.shape[1]] = np.where(kept, np.take_along_axis(found_scores, order, axis=1), -np.inf)
+            ids[pending, : order.shape[1]] = np.where(kept, np.take_along_axis(found_ids, order, axis=1), -1)
+            short = (keep.sum(axis=1) < k) & ~exhausted
+            pending = pending[short]
+            fetch = min(self.num_rows, 2 * fetch)
+        return scores, ids
+
+    def _scann_search(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """ids uint32 [B, fetch] and scores float32 [B, fetch] (NaN where ScaNN found nothing)."""
+        kwargs = {"final_num_neighbors": fetch}
+        if self.uses_tree:
+            kwargs["pre_reorder_num_neighbors"] = max(self.config.reorder_k, fetch)
+            kwargs["leaves_to_search"] = self.config.leaves_to_search
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.config.num_threads == 1:
+            return self.searcher.search_batched(queries, **kwargs)
+        return self.searcher.search_batched_parallel(queries, **kwargs)
