@@ -135,10 +135,11 @@ def _difference(positive, negative):
     return changed, changed_relations
 
 
-def test_hard_negatives_differ_from_the_positive_only_in_their_kind(test_world):
+def test_hard_negatives_differ_from_the_positive_only_in_their_kind():
+    generator = world.World(dataclasses.replace(TEST, num_compositional=200))
     inverse = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
     for index in range(200):
-        scene = test_world.layout("eval_compositional", index)
+        scene = generator.layout("eval_compositional", index)
         positive = world.dense_caption(scene.objects, scene.relations)
         negatives = world.hard_negatives(scene, np.random.default_rng(index))
         assert set(negatives) == set(world.HARD_NEGATIVE_KINDS)
@@ -199,6 +200,11 @@ def test_same_seed_gives_same_bytes_in_any_order_and_another_seed_differs():
         for a, b in zip(forward, backward):
             assert a["image"] == b["image"] and _texts(a) == _texts(b)
         assert all(a["image"] != other.example(split, i)["image"] for a, i in zip(forward, indices))
+
+
+def test_out_of_range_index_is_an_error(test_world):
+    with pytest.raises(IndexError, match="memory has 256 examples"):
+        test_world.example("memory", 256)
 
 
 def test_images_decode_to_the_configured_size(test_examples):

@@ -37,7 +37,7 @@ def caption_corpus() -> list[str]:
     rng = np.random.default_rng(_CORPUS_SEED)
     for index in range(corpus_world.config.num_pretrain):
         scene = corpus_world.layout("pretrain", index)
-        ids, _, _ = corpus_world.entity_draw("pretrain", index)
+        ids, _ = corpus_world.entity_draw("pretrain", index)
         texts.append(world.dense_caption(scene.objects, scene.relations))
         texts.append(world.weak_caption(scene, entities[ids[0]].name, corpus_world.config, rng))
     return texts

@@ -526,8 +526,12 @@ class World:
         draws = np.searchsorted(self._zipf_cdf, rng.random(count), side="right")
         return [int(min(d, NUM_ENTITIES - 1)) for d in draws]
 
-    def entity_draw(self, split: str, index: int) -> tuple[list[int], bool, int]:
-        """-> (entity ids, first is main; whether the weak caption names the main one; seed for layout)."""
+    def entity_draw(self, split: str, index: int) -> tuple[list[int], bool]:
+        """-> (entity ids, the first being the main object; whether the weak caption names it)."""
+        if split not in _SPLIT_CODE:
+            raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
+        if not 0 <= index < self.num_examples(split):
+            raise IndexError(f"{split} has {self.num_examples(split)} examples in this config, asked for index {index}.")
         rng = self._rng(split, index, _ENTITY)
         if split in ("pretrain", "caption_seed", "eval_retrieval", "eval_compositional"):
             low, high = (2, 3) if split == "eval_compositional" else (1, 4)
@@ -539,22 +543,20 @@ class World:
             planned = self._rare_plan.get(index) if split == "pretrain" else None
             if planned is not None:
                 ids[0] = planned
-                return ids, True, int(rng.integers(2**31))
+                return ids, True
             named = self.entities[ids[0]].frequency == "common" and rng.random() < self.config.weak_name_rate
-            return ids, bool(named), int(rng.integers(2**31))
+            return ids, bool(named)
         if split == "memory":
             main = index // self.config.memory_per_entity
             ids = [main] + [int(i) for i in rng.integers(NUM_ENTITIES, size=int(rng.integers(0, 2)))]
-            return ids, self.entities[main].frequency != "novel", int(rng.integers(2**31))
-        if split == "eval_classification":
-            return [index // self.config.eval_per_entity], False, int(rng.integers(2**31))
-        raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
+            return ids, self.entities[main].frequency != "novel"
+        return [index // self.config.eval_per_entity], False
 
     def pretrain_name_counts(self) -> np.ndarray:
         """int64 [NUM_ENTITIES]: how many pre-training captions name each entity."""
         counts = np.zeros(NUM_ENTITIES, dtype=np.int64)
         for index in range(self.config.num_pretrain):
-            ids, named, _ = self.entity_draw("pretrain", index)
+            ids, named = self.entity_draw("pretrain", index)
             if named:
                 counts[ids[0]] += 1
         return counts
@@ -562,7 +564,7 @@ class World:
     # -- layout (stream _LAYOUT)
 
     def layout(self, split: str, index: int) -> Scene:
-        ids, _, _ = self.entity_draw(split, index)
+        ids, _ = self.entity_draw(split, index)
         rng = self._rng(split, index, _LAYOUT)
         size = self.config.image_size
         grey = rng.uniform(70, 190)
@@ -636,7 +638,7 @@ class World:
 
     def example(self, split: str, index: int) -> dict:
         """One example as the TFDS builder stores it (see builder.py for the field meanings)."""
-        ids, named, _ = self.entity_draw(split, index)
+        ids, named = self.entity_draw(split, index)
         scene = self.layout(split, index)
         text_rng = self._rng(split, index, _TEXT)
         main = self.entities[ids[0]]
