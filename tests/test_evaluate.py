@@ -1,0 +1,263 @@
+"""Evaluators on hand-set embeddings whose answers are worked out by hand.
+
+The metric definitions follow clip_benchmark's `zeroshot_classification.py` (acc1/acc5 by top-k,
+mean per-class recall as sklearn's balanced accuracy) and `zeroshot_retrieval.py` (an image hits if any
+of its captions is in its top K; a caption hits if its image is in its top K).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vlm_jax.evaluate import (
+    BatchedEncoder,
+    RetrievalEvaluator,
+    ZeroShotEvaluator,
+    classification_metrics,
+    get_evaluator,
+    retrieval_metrics,
+    zero_shot_classifier,
+)
+from vlm_jax.evaluate.zero_shot import class_prompts
+
+TRACES = {"encode_image": 0, "encode_text": 0}
+
+
+class LookupModel(nnx.Module):
+    """Embeddings looked up from hand-set tables: an image's index is its pixel [0, 0, 0], a text's
+    index is its first token id."""
+
+    def __init__(self, image_table, text_table):
+        self.image_table = nnx.Param(jnp.asarray(image_table, jnp.float32))
+        self.text_table = nnx.Param(jnp.asarray(text_table, jnp.float32))
+
+    def encode_image(self, pixels):
+        TRACES["encode_image"] += 1
+        return self.image_table[pixels[:, 0, 0, 0].astype(jnp.int32)]
+
+    def encode_text(self, ids):
+        TRACES["encode_text"] += 1
+        return self.text_table[ids[:, 0]]
+
+
+def _images(indices):
+    """float32 [B, 2, 2, 3] images carrying their table index."""
+    images = np.zeros((len(indices), 2, 2, 3), np.float32)
+    images[:, 0, 0, 0] = indices
+    return images
+
+
+class LookupTokenizer:
+    """Maps each known text to a row of int32 [N, 4] whose first id indexes the text table."""
+
+    def __init__(self, texts):
+        self.index = {text: i for i, text in enumerate(texts)}
+
+    def __call__(self, texts):
+        ids = np.zeros((len(texts), 4), np.int32)
+        ids[:, 0] = [self.index[text] for text in texts]
+        return ids
+
+
+def _angle(degrees, scale=1.0):
+    radians = math.radians(degrees)
+    return [scale * math.cos(radians), scale * math.sin(radians), 0.0]
+
+
+def test_classifier_is_normalized_mean_of_normalized_template_embeddings():
+    texts = ["a cat", "photo of cat", "a dog", "photo of dog"]
+    # "a cat" is (2, 0, 0), "photo of cat" (3, 3, 0): normalized (1, 0, 0) and (1, 1, 0)/sqrt(2); their mean
+    # renormalized is at 22.5 degrees. Both dog prompts point along y.
+    text_table = [[2, 0, 0], [3, 3, 0], [0, 5, 0], [0, 0.5, 0]]
+    model = LookupModel(np.zeros((1, 3)), text_table)
+    classifier = zero_shot_classifier(model, LookupTokenizer(texts), ["cat", "dog"], ["a {}", "photo of {c}"], batch_size=3)
+    expected = [[math.cos(math.pi / 8), math.sin(math.pi / 8), 0], [0, 1, 0]]
+    np.testing.assert_allclose(classifier, expected, atol=1e-6)
+
+
+def test_templates_may_be_callables_or_per_class_descriptions():
+    names = ["cat", "dog"]
+    assert class_prompts(names, ["a {}", lambda c: f"{c}!"]) == [["a cat", "cat!"], ["a dog", "dog!"]]
+    assert class_prompts(names, {"dog": ["barks"], "cat": ["meows", "purrs"]}) == [["meows", "purrs"], ["barks"]]
+    assert class_prompts(names, [["meows"], ["barks", "wags"]]) == [["meows"], ["barks", "wags"]]
+    with pytest.raises(ValueError, match="no"):
+        class_prompts(names, ["a photo"])
+
+
+def test_per_class_descriptions_average_uneven_lists():
+    texts = ["meows", "purrs", "barks"]
+    model = LookupModel(np.zeros((1, 2)), [[1, 0], [0, 1], [-1, 0]])
+    classifier = zero_shot_classifier(model, LookupTokenizer(texts), ["cat", "dog"], [["meows", "purrs"], ["barks"]])
+    np.testing.assert_allclose(classifier, [[math.sqrt(0.5), math.sqrt(0.5)], [-1, 0]], atol=1e-6)
+
+
+def test_classification_metrics_by_hand():
+    labels = np.array([0, 0, 0, 1, 2, 3])
+    rankings = [  # classes from highest to lowest score, per sample
+        [0, 1, 2, 3, 4, 5, 6],  # label 0 first: top-1 hit
+        [1, 2, 0, 3, 4, 5, 6],  # label 0 third: top-5 hit only
+        [1, 2, 3, 4, 5, 0, 6],  # label 0 sixth: miss
+        [0, 2, 3, 4, 1, 5, 6],  # label 1 fifth: top-5 hit only
+        [2, 0, 1, 3, 4, 5, 6],  # label 2 first
+        [3, 0, 1, 2, 4, 5, 6],  # label 3 first
+    ]
+    logits = np.zeros((6, 7), np.float32)
+    for row, ranking in enumerate(rankings):
+        logits[row, ranking] = np.arange(7, 0, -1)
+    metrics = classification_metrics(logits, labels, subsets={"common": [0, 1], "rare": [2, 3]})
+    assert metrics["top1"] == pytest.approx(3 / 6)
+    assert metrics["top5"] == pytest.approx(5 / 6)
+    # Recall per class: 1/3, 0/1, 1/1, 1/1.
+    assert metrics["mean_per_class_recall"] == pytest.approx((1 / 3 + 0 + 1 + 1) / 4)
+    assert metrics["top1_common"] == pytest.approx(1 / 4)
+    assert metrics["top1_rare"] == pytest.approx(1.0)
+
+
+def test_top5_uses_all_classes_when_there_are_fewer_than_five():
+    logits = np.array([[0.1, 0.5, 0.2], [0.9, 0.0, 0.3]])
+    metrics = classification_metrics(logits, np.array([0, 1]))
+    assert metrics["top1"] == 0.0 and metrics["top5"] == 1.0
+
+
+def _zero_shot_setup():
+    class_names = ["cat", "dog", "bird"]
+    templates = ["a {}", "photo of {c}"]
+    texts = [t.replace("{}", c).replace("{c}", c) for c in class_names for t in templates]
+    text_table = [[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 2, 0], [0, 0, 1], [0, 0, 3]]
+    # Classifier: cat at 22.5 degrees in the xy plane, dog along y, bird along z. Predictions: cat, dog,
+    # bird, cat (cat scores 1.307 > dog 1 for (1, 1, 0)), cat, bird, cat (0.462 > bird 0.4).
+    image_table = [[1, 0, 0], [0.3, 1, 0], [0, 0, 1], [1, 1, 0], [2, 0, 0.1], [0, 0.1, 1], [0.5, 0, 0.4]]
+    labels = np.array([0, 1, 2, 1, 0, 2, 2], np.int32)
+    model = LookupModel(image_table, text_table)
+
+    def data():
+        for chunk in (slice(0, 3), slice(3, 7)):
+            yield {"image": _images(np.arange(7)[chunk]), "label": labels[chunk]}
+
+    return model, LookupTokenizer(texts), class_names, templates, data
+
+
+def test_zero_shot_evaluator_by_hand_with_ragged_batches():
+    model, tokenizer, class_names, templates, data = _zero_shot_setup()
+    evaluator = get_evaluator(
+        "zero_shot", data=data, tokenizer=tokenizer, class_names=class_names, templates=templates,
+        batch_size=4, subsets={"common": [0, 1], "rare": [2]},
+    )  # fmt: skip
+    assert isinstance(evaluator, ZeroShotEvaluator)
+    metrics = evaluator.run(model)
+    assert metrics["top1"] == pytest.approx(5 / 7)
+    assert metrics["top5"] == 1.0
+    assert metrics["mean_per_class_recall"] == pytest.approx((2 / 2 + 1 / 2 + 2 / 3) / 3)
+    assert metrics["top1_common"] == pytest.approx(3 / 4)
+    assert metrics["top1_rare"] == pytest.approx(2 / 3)
+    assert evaluator.run(model) == metrics
+
+
+def _retrieval_setup():
+    # All embeddings lie in the xy plane, so cosine similarity falls with the angle between them.
+    # Images at 0, 90, 180, 270 degrees; captions (angle, image): t0 (10, 0), t1 (60, 0), t2 (130, 1),
+    # t3 (200, 1), t4 (170, 2), t5 (300, 3), and a padded caption of image 3 at 80 degrees that must not count.
+    image_table = [_angle(a, scale=2.0) for a in (0, 90, 180, 270)]
+    text_table = [_angle(a, scale=0.5 + i) for i, a in enumerate((10, 60, 130, 200, 170, 300, 80))]
+    model = LookupModel(image_table, text_table)
+
+    def caption_ids(indices):
+        ids = np.zeros((*np.shape(indices), 4), np.int32)
+        ids[..., 0] = indices
+        return ids
+
+    def data():
+        yield {"image": _images([0, 1, 2]), "text_ids": caption_ids([[0, 1], [2, 3], [4, 0]]),
+               "text_mask": np.array([[True, True], [True, True], [True, False]])}  # fmt: skip
+        yield {"image": _images([3]), "text_ids": caption_ids([[5, 6]]), "text_mask": np.array([[True, False]])}
+
+    return model, data
+
+
+def test_retrieval_recall_by_hand_with_several_captions_and_padding():
+    model, data = _retrieval_setup()
+    metrics = get_evaluator("retrieval", data=data, batch_size=4, ks=(1, 2, 5)).run(model)
+    # Caption -> image: images closer than the caption's own image: t0 0, t1 1 (image 1), t2 0, t3 2
+    # (images 2 and 3), t4 0, t5 0.
+    assert metrics["image_retrieval_recall@1"] == pytest.approx(4 / 6)
+    assert metrics["image_retrieval_recall@2"] == pytest.approx(5 / 6)
+    assert metrics["image_retrieval_recall@5"] == 1.0
+    # Image -> caption: captions closer than the image's best own caption: image 0 none (t0 at 10), image 1
+    # one (t1 at 30 beats t2 at 40), image 2 none (t4), image 3 none (t5).
+    assert metrics["text_retrieval_recall@1"] == pytest.approx(3 / 4)
+    assert metrics["text_retrieval_recall@2"] == 1.0
+
+
+def test_retrieval_metrics_reject_images_without_captions():
+    with pytest.raises(ValueError, match="no caption"):
+        retrieval_metrics(np.eye(3), np.eye(3)[:2], np.array([0, 1]))
+
+
+def test_encoder_pads_last_batch_without_recompiling():
+    table = np.arange(33, dtype=np.float32).reshape(11, 3) + 1
+    model = LookupModel(table, np.zeros((1, 3)))
+    encoder = BatchedEncoder(model, "encode_image", batch_size=5)
+    before = TRACES["encode_image"]
+    embeddings = encoder(_images(np.arange(11)))
+    assert TRACES["encode_image"] - before == 1
+    np.testing.assert_allclose(embeddings, table / np.linalg.norm(table, axis=1, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(encoder(_images([4, 2])), embeddings[[4, 2]], rtol=1e-6)
+    assert TRACES["encode_image"] - before == 1
+
+
+@pytest.mark.slow
+def test_evaluators_run_on_the_tiny_clip_model():
+    from vlm_jax.models.clip import CLIP, tiny
+
+    config = tiny()
+    model = CLIP(config, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(6, 32, 32, 3)).astype(np.float32)
+    length = config.text.context_length
+
+    def tokenizer(texts):
+        ids = np.zeros((len(texts), length), np.int32)
+        for row, text in zip(ids, texts):
+            row[: len(text) + 2] = [config.text.bos_token_id, *(ord(ch) % 900 + 1 for ch in text), config.text.eos_token_id]
+        return ids
+
+    direct = np.asarray(model.encode_image(jnp.asarray(images)))
+    np.testing.assert_allclose(
+        BatchedEncoder(model, "encode_image", 4)(images), direct / np.linalg.norm(direct, axis=1, keepdims=True),
+        atol=1e-5,
+    )
+    metrics = ZeroShotEvaluator(
+        data=lambda: [{"image": images, "label": np.array([0, 1, 2, 0, 1, 2], np.int32)}],
+        tokenizer=tokenizer, class_names=["red", "green", "blue"], templates=["a {} shape"], batch_size=4,
+    ).run(model)  # fmt: skip
+    assert set(metrics) == {"top1", "top5", "mean_per_class_recall"}
+    assert all(0.0 <= v <= 1.0 for v in metrics.values()) and metrics["top5"] == 1.0
+    captions = tokenizer([f"caption {i}" for i in range(12)]).reshape(6, 2, length)
+    evaluator = RetrievalEvaluator(data=lambda: [{"image": images, "text_ids": captions}], batch_size=4, ks=(1, 6, 11))
+    metrics = evaluator.run(model)
+    # With 6 images every caption's image is in its top 6; with 12 captions, 2 per image, at most 10
+    # captions can outrank an image's best own caption.
+    assert metrics["image_retrieval_recall@6"] == 1.0 and metrics["text_retrieval_recall@11"] == 1.0
+    assert 0.0 <= metrics["image_retrieval_recall@1"] <= 1.0
+
+
+def test_unknown_evaluator_names_the_registered_ones():
+    with pytest.raises(KeyError, match="retrieval"):
+        get_evaluator("zero-shot")
+
+
+def test_encoder_runs_under_jit_cache_for_same_structure():
+    """Two models of the same structure share the compiled encoder: state is an argument, not a constant."""
+    first = LookupModel(np.eye(3), np.zeros((1, 3)))
+    second = LookupModel(np.eye(3)[::-1], np.zeros((1, 3)))
+    before = TRACES["encode_image"]
+    a = BatchedEncoder(first, "encode_image", batch_size=7)(_images([0, 1, 2]))
+    b = BatchedEncoder(second, "encode_image", batch_size=7)(_images([0, 1, 2]))
+    assert TRACES["encode_image"] - before == 1
+    np.testing.assert_allclose(a, np.eye(3))
+    np.testing.assert_allclose(b, np.eye(3)[::-1])
+    assert jax.tree.leaves(nnx.state(first))  # the models are untouched by splitting

@@ -1,0 +1,111 @@
+"""Image <-> text retrieval recall@K with several captions per image, as clip_benchmark defines it.
+
+Text -> image ("image_retrieval"): a caption hits at K if its own image is among the K images scored
+highest for it. Image -> text ("text_retrieval"): an image hits at K if any of its captions is among the
+K captions scored highest for it. Scores are cosine similarities of normalized embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+from flax import nnx
+
+from vlm_jax.evaluate.common import BatchedEncoder, iterate_batches, register_evaluator
+
+# Queries scored per block, bounding the host memory of the score matrix.
+_QUERY_BLOCK = 1024
+
+
+def _ranks_of_best_positive(queries: np.ndarray, keys: np.ndarray, positive: Callable[[slice], np.ndarray]) -> np.ndarray:
+    """For each query, how many keys score strictly higher than its best-scoring positive key.
+
+    A query hits at K exactly when this rank is below K (ties between a positive and a negative are
+    resolved in the positive's favour; top-k ties are arbitrary in the reference too).
+    """
+    ranks = []
+    for start in range(0, len(queries), _QUERY_BLOCK):
+        block = slice(start, min(start + _QUERY_BLOCK, len(queries)))
+        scores = queries[block] @ keys.T
+        is_positive = positive(block)
+        best_positive = np.where(is_positive, scores, -np.inf).max(axis=1, keepdims=True)
+        ranks.append((scores > best_positive).sum(axis=1))
+    return np.concatenate(ranks)
+
+
+def retrieval_metrics(
+    image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_to_image: np.ndarray, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """Recall@K both ways.
+
+    Args:
+      image_embeddings: float [N, D], L2-normalized.
+      text_embeddings: float [T, D], L2-normalized.
+      text_to_image: int [T], the image index of each caption.
+      ks: the K values.
+    Returns:
+      {"image_retrieval_recall@K" (text -> image), "text_retrieval_recall@K" (image -> text)} in [0, 1].
+    """
+    text_to_image = np.asarray(text_to_image)
+    num_images = len(image_embeddings)
+    captionless = np.setdiff1d(np.arange(num_images), text_to_image)
+    if captionless.size:
+        raise ValueError(f"Images {captionless[:5].tolist()} have no caption; every image needs at least one.")
+    text_ranks = _ranks_of_best_positive(
+        text_embeddings, image_embeddings, lambda block: text_to_image[block, None] == np.arange(num_images)[None]
+    )
+    image_ranks = _ranks_of_best_positive(
+        image_embeddings, text_embeddings, lambda block: np.arange(num_images)[block, None] == text_to_image[None]
+    )
+    metrics = {}
+    for k in ks:
+        metrics[f"image_retrieval_recall@{k}"] = float((text_ranks < k).mean())
+        metrics[f"text_retrieval_recall@{k}"] = float((image_ranks < k).mean())
+    return metrics
+
+
+@register_evaluator("retrieval")
+class RetrievalEvaluator:
+    """Image <-> text retrieval over a captioned image set.
+
+    Args:
+      data: callable returning a fresh iterable of batches {"image": float32 [B, H, W, 3] preprocessed,
+        "text_ids": int32 [B, C, L]} with C captions per image, optionally "text_mask": bool [B, C]
+        marking real captions (padded ones are left out).
+      batch_size: images and captions per encoder call.
+      ks: the K values of recall@K.
+      prefix: prepended to every metric name.
+    """
+
+    def __init__(
+        self,
+        data: Callable[[], Iterable[dict[str, np.ndarray]]],
+        batch_size: int = 256,
+        ks: Sequence[int] = (1, 5, 10),
+        prefix: str = "",
+    ):
+        self.data, self.batch_size, self.ks, self.prefix = data, batch_size, tuple(ks), prefix
+
+    def run(self, model: nnx.Module) -> dict[str, float]:
+        encode_images = BatchedEncoder(model, "encode_image", self.batch_size)
+        encode_texts = BatchedEncoder(model, "encode_text", self.batch_size)
+        image_embeddings, text_embeddings, text_to_image = [], [], []
+        num_images = 0
+        for batch in iterate_batches(self.data):
+            text_ids = np.asarray(batch["text_ids"])
+            if text_ids.ndim != 3:
+                raise ValueError(f"Expected text_ids int32 [B, C, L], found shape {text_ids.shape}.")
+            batch_images, captions_per_image = text_ids.shape[:2]
+            mask = np.asarray(batch.get("text_mask", np.ones((batch_images, captions_per_image), bool)), bool)
+            image_embeddings.append(encode_images(batch["image"]))
+            text_embeddings.append(encode_texts(text_ids[mask]))
+            owner = np.broadcast_to(np.arange(batch_images)[:, None], mask.shape)[mask]
+            text_to_image.append(num_images + owner)
+            num_images += batch_images
+        if not image_embeddings:
+            raise ValueError("The retrieval data yielded no batches.")
+        metrics = retrieval_metrics(
+            np.concatenate(image_embeddings), np.concatenate(text_embeddings), np.concatenate(text_to_image), self.ks
+        )
+        return {self.prefix + name: value for name, value in metrics.items()}
