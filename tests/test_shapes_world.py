@@ -321,3 +321,9 @@ def test_tokenizer_loads_through_transformers_and_vlm_jax(tokenizer_path):
         np.testing.assert_array_equal(row[: len(reference)], reference)
         assert (row[len(reference):] == ours.pad_id).all()
     assert ours.eos_id == tok.get_vocab_size() - 1
+
+
+def test_builder_version_is_the_generator_version_and_has_release_notes():
+    assert str(shapes_world.ShapesWorld.VERSION) == world.GENERATOR_VERSION
+    assert world.GENERATOR_VERSION in shapes_world.ShapesWorld.RELEASE_NOTES
+    assert {c.name for c in shapes_world.ShapesWorld.BUILDER_CONFIGS} == {"default", "test"}
