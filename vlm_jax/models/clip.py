@@ -151,12 +151,12 @@ class CLIPConfig:
 
 def vit_b32(**overrides: Any) -> CLIPConfig:
     """OpenAI CLIP ViT-B/32 shapes (openai/clip-vit-base-patch32)."""
-    return CLIPConfig(**overrides)
+    return CLIPConfig().replace(**overrides)
 
 
 def vit_b16(**overrides: Any) -> CLIPConfig:
     """OpenAI CLIP ViT-B/16 shapes (openai/clip-vit-base-patch16)."""
-    return CLIPConfig(vision=VisionConfig(patch_size=16), **overrides)
+    return CLIPConfig(vision=VisionConfig(patch_size=16)).replace(**overrides)
 
 
 def vit_l14(**overrides: Any) -> CLIPConfig:
@@ -164,7 +164,7 @@ def vit_l14(**overrides: Any) -> CLIPConfig:
     return CLIPConfig(
         vision=VisionConfig(patch_size=14, width=1024, depth=24, heads=16, mlp_dim=4096),
         text=TextConfig(width=768, heads=12, mlp_dim=3072),
-        embed_dim=768, **overrides)
+        embed_dim=768).replace(**overrides)
 
 
 def siglip_b16(**overrides: Any) -> CLIPConfig:
@@ -175,8 +175,8 @@ def siglip_b16(**overrides: Any) -> CLIPConfig:
         text=TextConfig(vocab_size=32000, context_length=64, width=768, heads=12, mlp_dim=3072,
                         act="gelu_tanh", causal=False, pooling="last", eos_token_id=1,
                         pad_token_id=1, bos_token_id=None, layer_norm_eps=1e-6),
-        embed_dim=768, kind="siglip", logit_scale_init=math.log(10.0), logit_bias_init=-10.0,
-        **overrides)
+        embed_dim=768, kind="siglip", logit_scale_init=math.log(10.0),
+        logit_bias_init=-10.0).replace(**overrides)
 
 
 def tiny(kind: str = "clip", **overrides: Any) -> CLIPConfig:
@@ -187,11 +187,11 @@ def tiny(kind: str = "clip", **overrides: Any) -> CLIPConfig:
                                      heads=4, mlp_dim=128)
         text = dataclasses.replace(base.text, vocab_size=1000, context_length=16, width=64, depth=2,
                                    heads=4, mlp_dim=128)
-        return base.replace(vision=vision, text=text, embed_dim=64, **overrides)
+        return base.replace(vision=vision, text=text, embed_dim=64).replace(**overrides)
     vision = VisionConfig(image_size=32, patch_size=8, width=64, depth=2, heads=4, mlp_dim=128)
     text = TextConfig(vocab_size=1000, context_length=16, width=64, depth=2, heads=4, mlp_dim=128,
                       eos_token_id=999, pad_token_id=0, bos_token_id=998)
-    return CLIPConfig(vision=vision, text=text, embed_dim=32, **overrides)
+    return CLIPConfig(vision=vision, text=text, embed_dim=32).replace(**overrides)
 
 
 class VisionEmbeddings(nnx.Module):
