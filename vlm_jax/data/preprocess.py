@@ -109,7 +109,10 @@ class PreprocessSpec:
         defaults = _PROCESSOR_DEFAULTS[processor]
         for flag in ("do_resize", "do_rescale", "do_normalize"):
             if not config.get(flag, True):
-                raise ValueError(f"{flag}=false in the preprocessor config is not supported; every model input is resized, rescaled and normalized.")
+                raise ValueError(
+                    f"{flag}=false in the preprocessor config is not supported; model inputs are always resized, "
+                    "rescaled and normalized."
+                )
         if not math.isclose(config.get("rescale_factor", 1 / 255), 1 / 255, rel_tol=1e-6):
             raise ValueError(f"Expected rescale_factor 1/255, found {config['rescale_factor']}.")
 

@@ -119,7 +119,9 @@ class Tokenizer:
             specials = [(t, tok.token_to_id(t)) for t in (bos_token, eos_token) if t is not None]
             missing = [t for t, i in specials if i is None]
             if missing:
-                raise ValueError(f"Special tokens {missing} are not in the vocabulary; train with them as special_tokens.")
+                raise ValueError(
+                    f"Special tokens {missing} are not in the vocabulary; train with them as special_tokens."
+                )
             tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
         return cls(
             tok,
@@ -174,7 +176,8 @@ class Tokenizer:
                 "transformers' save_pretrained or Tokenizer.save."
             )
 
-        tokens = {name: special(name) or defaults.get(name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        token_names = ("bos_token", "eos_token", "pad_token", "unk_token")
+        tokens = {name: special(name) or defaults.get(name) for name in token_names}
         if tokens["eos_token"] is None:
             raise ValueError(f"No eos_token in {path}/tokenizer_config.json or special_tokens_map.json; add one.")
         if tokens["pad_token"] is None:
@@ -190,7 +193,9 @@ class Tokenizer:
                 f"Cannot tell the context length of {path}: no sane model_max_length in tokenizer_config.json and "
                 "no text max_position_embeddings in config.json; pass context_length."
             )
-        return cls(tok, context_length=context_length, tokenizer_class=tokenizer_class, extra_config=extra_config, **tokens)
+        return cls(
+            tok, context_length=context_length, tokenizer_class=tokenizer_class, extra_config=extra_config, **tokens
+        )
 
     def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
         """Tokenizes to fixed length.
@@ -320,7 +325,9 @@ def _parse_spiece(model_bytes: bytes) -> dict[str, Any]:
                 if field == 2:
                     charsmap = field_value
     if model_type != _MODEL_TYPE_UNIGRAM:
-        raise ValueError(f"Expected a Unigram SentencePiece model (type 1) as SigLIP uses, found model type {model_type}.")
+        raise ValueError(
+            f"Expected a Unigram SentencePiece model (type 1) as SigLIP uses, found model type {model_type}."
+        )
     return {"pieces": pieces, "unk_id": unk_id, "byte_fallback": byte_fallback, "precompiled_charsmap": charsmap}
 
 
@@ -360,7 +367,9 @@ def siglip_tokenizer_from_spiece(
         normalizers.Replace(Regex(whitespace), " "),
         normalizers.Strip(),
     ]
-    sentencepiece_normalize = [normalizers.Precompiled(spiece["precompiled_charsmap"])] if spiece["precompiled_charsmap"] else []
+    sentencepiece_normalize = []
+    if spiece["precompiled_charsmap"]:
+        sentencepiece_normalize.append(normalizers.Precompiled(spiece["precompiled_charsmap"]))
     sentencepiece_normalize += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Strip()]
     tok.normalizer = normalizers.Sequence(canonicalize + sentencepiece_normalize)
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPIECE_UNDERLINE, prepend_scheme="always", split=True)

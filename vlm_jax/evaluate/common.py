@@ -24,7 +24,9 @@ def register_evaluator(name: str):
 
     def register(cls):
         if name in _EVALUATORS:
-            raise ValueError(f"Evaluator {name!r} is registered twice ({_EVALUATORS[name].__name__} and {cls.__name__}).")
+            raise ValueError(
+                f"Evaluator {name!r} is registered twice ({_EVALUATORS[name].__name__} and {cls.__name__})."
+            )
         _EVALUATORS[name] = cls
         return cls
 

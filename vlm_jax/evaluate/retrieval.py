@@ -18,7 +18,9 @@ from vlm_jax.evaluate.common import BatchedEncoder, iterate_batches, register_ev
 _QUERY_BLOCK = 1024
 
 
-def _ranks_of_best_positive(queries: np.ndarray, keys: np.ndarray, positive: Callable[[slice], np.ndarray]) -> np.ndarray:
+def _ranks_of_best_positive(
+    queries: np.ndarray, keys: np.ndarray, positive: Callable[[slice], np.ndarray]
+) -> np.ndarray:
     """For each query, how many keys score strictly higher than its best-scoring positive key.
 
     A query hits at K exactly when this rank is below K (ties between a positive and a negative are

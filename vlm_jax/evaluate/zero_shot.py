@@ -47,7 +47,9 @@ def class_prompts(class_names: Sequence[str], templates: Prompts) -> list[list[s
         prompts = [list(templates[name]) for name in class_names]
     elif len(templates) and not isinstance(templates[0], str) and not callable(templates[0]):
         if len(templates) != len(class_names):
-            raise ValueError(f"Expected {len(class_names)} per-class text lists, one per class, found {len(templates)}.")
+            raise ValueError(
+                f"Expected {len(class_names)} per-class text lists, one per class, found {len(templates)}."
+            )
         prompts = [list(texts) for texts in templates]
     else:
         prompts = [[fill_template(template, name) for template in templates] for name in class_names]
