@@ -35,6 +35,7 @@ approximate search that found fewer) the missing tail of a row has id -1 and sco
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 import json
 import math
@@ -112,20 +113,12 @@ class IndexConfig:
         return cls(**values)
 
 
-# Fields that only change how a built index is searched; `load_index` may override these and no others.
-_SEARCH_TIME_FIELDS = frozenset(
-    {
-        "batch_size",
-        "dedup_threshold",
-        "dedup_margin",
-        "mesh_axes",
-        "dtype",
-        "recall_target",
-        "leaves_to_search",
-        "reorder_k",
-        "num_threads",
-    }
+# Fields that change how a built index is searched without changing the index itself.
+_QUERY_TIME_FIELDS = frozenset(
+    {"batch_size", "dedup_threshold", "dedup_margin", "recall_target", "leaves_to_search", "reorder_k"}
 )
+# `load_index` may also re-place the memory (device backends) and resize ScaNN's thread pool.
+_LOAD_TIME_FIELDS = _QUERY_TIME_FIELDS | {"mesh_axes", "dtype", "num_threads"}
 
 
 class MemoryIndex(abc.ABC):
@@ -202,6 +195,16 @@ class MemoryIndex(abc.ABC):
             scores[start:stop, :found] = batch_scores
             ids[start:stop, :found] = np.where(np.isneginf(batch_scores), -1, batch_ids)
         return scores, ids
+
+    def with_search_config(self, **overrides: Any) -> "MemoryIndex":
+        """The same built index searched with other query-time settings (leaves_to_search, reorder_k,
+        dedup_threshold, recall_target, batch_size, dedup_margin); shares the index's memory."""
+        fixed = sorted(set(overrides) - _QUERY_TIME_FIELDS)
+        if fixed:
+            raise ValueError(f"config fields {fixed} cannot change on a built index; use {sorted(_QUERY_TIME_FIELDS)}.")
+        view = copy.copy(self)
+        view.config = dataclasses.replace(self.config, **overrides)
+        return view
 
     def save(self, directory: str | epath.PathLike) -> None:
         """Writes the index to `directory` (created if missing); `load_index(directory)` restores it."""
@@ -282,7 +285,7 @@ def load_index(directory: str | epath.PathLike, mesh: jax.sharding.Mesh | None =
     if not metadata_path.exists():
         raise FileNotFoundError(f"no {_METADATA_FILE} in {str(path)!r}; expected a directory written by MemoryIndex.save.")
     metadata = json.loads(metadata_path.read_text())
-    fixed = sorted(set(overrides) - _SEARCH_TIME_FIELDS)
+    fixed = sorted(set(overrides) - _LOAD_TIME_FIELDS)
     if fixed:
         raise ValueError(f"config fields {fixed} are fixed when the index is built; rebuild it to change them.")
     config = IndexConfig.from_any({**metadata["config"], **overrides})
@@ -315,7 +318,8 @@ class _DeviceIndex(MemoryIndex):
         padded = np.zeros((self.rows_per_shard * self.num_shards, self.dim), dtype=np.float32)
         padded[: self.num_rows] = keys
         self.keys = jax.device_put(padded.astype(config.dtype), NamedSharding(mesh, P(self.axes, None)))
-        self._search_fns: dict[tuple[int, int], Any] = {}
+        # Keyed by everything the compiled search closes over, so views from with_search_config share it.
+        self._search_fns: dict[tuple[Any, ...], Any] = {}
 
     @classmethod
     def build(cls, config, keys, mesh):
@@ -344,9 +348,10 @@ class _DeviceIndex(MemoryIndex):
         padded_exclude[:batch, : exclude_ids.shape[1]] = exclude_ids
         local_k = min(k, self.rows_per_shard)
         merged_k = min(k, local_k * self.num_shards)
-        if (local_k, merged_k) not in self._search_fns:
-            self._search_fns[(local_k, merged_k)] = self._make_search_fn(local_k, merged_k)
-        scores, ids = self._search_fns[(local_k, merged_k)](
+        cache_key = (local_k, merged_k, self.config.dedup_threshold, self.config.recall_target)
+        if cache_key not in self._search_fns:
+            self._search_fns[cache_key] = self._make_search_fn(local_k, merged_k)
+        scores, ids = self._search_fns[cache_key](
             self.keys, padded_queries.astype(self.config.dtype), padded_exclude
         )
         return np.asarray(scores)[:batch], np.asarray(ids)[:batch].astype(np.int64)
