@@ -207,3 +207,15 @@ def test_microbatches_interleave_rows_so_devices_keep_their_share():
     np.testing.assert_array_equal(split["x"], [[0, 2, 4, 6], [1, 3, 5, 7]])
     with pytest.raises(ValueError, match="multiple of optim.accumulation_steps"):
         optim.split_microbatches({"x": jnp.arange(6)}, 4)
+
+
+def test_default_decay_policy_on_clip_skips_norms_biases_embeddings_and_logit_params():
+    from vlm_jax.models.clip import CLIP, tiny
+
+    abstract = nnx.eval_shape(lambda: CLIP(tiny("siglip"), rngs=nnx.Rngs(0)))
+    _, table = optim.make_optimizer(optim.optim_config(), nnx.state(abstract, nnx.Param))
+    decayed = {name for name, entry in table.items() if entry["decay"]}
+    assert decayed and all(name.endswith("/kernel") for name in decayed)
+    for name in ("logit_scale", "logit_bias", "vision_model/head/probe",
+                 "vision_model/embeddings/position_embedding/embedding", "vision_model/post_layernorm/scale"):
+        assert name in table and name not in decayed, name

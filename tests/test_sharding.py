@@ -190,3 +190,42 @@ def test_two_processes_assemble_one_global_batch_over_gloo():
         stdout, stderr = worker.communicate(timeout=300)
         assert worker.returncode == 0, stderr[-4000:]
         assert "TOTAL 18.0" in stdout
+
+
+def _check_clip_models_shard_with_the_default_rules():
+    from vlm_jax.methods import clip as clip_losses
+    from vlm_jax.models.clip import CLIP, tiny
+
+    mesh = sharding.make_mesh((("data", 2), ("fsdp", 2), ("tensor", 2)))
+    pixels = np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype(np.float32)
+    ids = np.random.default_rng(1).integers(1, 990, size=(8, 16)).astype(np.int32)
+    for kind in ("clip", "siglip"):
+        model = sharding.create_sharded_model(lambda: CLIP(tiny(kind), rngs=nnx.Rngs(0)), mesh)
+        specs = {
+            sharding.path_to_name(path): leaf.sharding.spec
+            for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+        }
+        assert specs["vision_model/encoder/layers/0/mlp/fc1/kernel"] == P("fsdp", "tensor"), specs
+        assert specs["text_model/encoder/layers/0/self_attn/q_proj/kernel"] == P("fsdp", "tensor", None), specs
+        batch = sharding.shard_batch({"image": pixels, "text": ids}, mesh)
+
+        @nnx.jit
+        def forward(model, batch):
+            image_emb, text_emb = model.encode_image(batch["image"]), model.encode_text(batch["text"])
+            if model.logit_bias is None:
+                loss, _ = clip_losses.softmax_contrastive_loss(image_emb, text_emb, model.logit_scale[...], mesh=mesh)
+            else:
+                loss, _ = clip_losses.sigmoid_loss(
+                    image_emb, text_emb, model.logit_scale[...], model.logit_bias[...], mesh=mesh)
+            return image_emb, text_emb, loss
+
+        image_emb, text_emb, loss = forward(model, batch)
+        plain = CLIP(tiny(kind), rngs=nnx.Rngs(0))
+        np.testing.assert_allclose(image_emb, plain.encode_image(pixels), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(text_emb, plain.encode_text(ids), rtol=1e-4, atol=1e-5)
+        assert np.isfinite(float(loss))
+
+
+@pytest.mark.slow
+def test_clip_and_siglip_models_shard_with_the_default_rules_on_8_devices():
+    _run_in_8_device_process("_check_clip_models_shard_with_the_default_rules")
