@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 
 from absl import app, flags, logging
@@ -57,6 +58,40 @@ def run(config, workdir: str) -> dict:
     return task(config, workdir_path)
 
 
+def _last_line(message: str) -> str:
+    """The final line of a chained error message, without its `module.ExceptionClass: ` prefix."""
+    lines = [line.strip() for line in message.replace("\\n", "\n").splitlines() if line.strip()]
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1] if lines else message)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing that turns a bad config file, preset or override into a one-line error.
+
+    ml_collections reports these as tracebacks from inside flag parsing (or, for a missing config file,
+    only when the config is first read); a user needs the one line that says what is wrong.
+    """
+    try:
+        remaining = flags.FLAGS(argv)
+    except flags.Error as error:
+        message = str(error)
+        flag = re.match(r"flag (--\S+?)[:=]", message)
+        prefix = f"{flag.group(1).split('=')[0]}: " if flag and "Traceback" in message else ""
+        _fail(prefix + _last_line(message))
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        words = " ".join(str(error).replace("\\n", " ").replace("\\", "").split())
+        quoted = len(words) > 1 and words[0] == words[-1] and words[0] in "'\""
+        _fail("bad config override: " + (words[1:-1] if quoted else words))
+    config_argument = flags.FLAGS["config"].config_filename if _CONFIG.present else None
+    if config_argument and not epath.Path(config_argument.split(":")[0]).exists():
+        _fail(f"config file {config_argument.split(':')[0]!r} does not exist.")
+    return remaining
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -72,4 +107,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
