@@ -135,6 +135,7 @@ def test_resume_after_sigkill_keeps_finished_shards_and_matches_uninterrupted_bu
     np.save(out_dir / "shard_00003.image_embeddings.npy", np.ones((5, 32), np.float32))
     (out_dir / "shard_00003.text_embeddings.npy.tmp-0123456789abcdef0123456789abcdef").write_bytes(b"\x93NUM")
     finished_before = shard_file_stats(out_dir, {0, 1, 2})
+    assert len(finished_before) == 3 * (len(ROW_FIELDS) + 1)
 
     written = []
     memory = run_build(world, out_dir, on_shard_written=written.append)
