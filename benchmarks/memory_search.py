@@ -13,7 +13,7 @@ Reports recall@10, queries/s (whole query set, after one warm-up call) and build
 the same thread count (`--threads`: ScaNN's search pool, XLA's CPU intra-op threads, FAISS's OpenMP
 threads, BLAS). FAISS is a benchmark-only dependency (`pip install faiss-cpu`).
 
-Full run (about 2 GB of vectors, ~30 min on one thread):
+Full run (about 2 GB of vectors, 30-45 min on one thread, ~8 GB peak memory):
     python benchmarks/memory_search.py --n 1000000 --threads 1
 Smoke run:
     python benchmarks/memory_search.py --n 50000 --queries 500 --threads 1
