@@ -255,3 +255,12 @@ def test_with_search_config_changes_query_settings_without_rebuilding(clustered_
     assert not (deduplicated.search(keys[:5], 3)[1] == np.arange(5)[:, None]).any()
     with pytest.raises(ValueError, match="cannot change on a built index"):
         exact.with_search_config(num_leaves=4)
+
+
+def test_bfloat16_memory_keeps_float32_scores_and_near_exact_neighbours(clustered_memory):
+    keys, queries = clustered_memory
+    index = index_lib.build_index({"backend": "exact", "dtype": "bfloat16"}, keys)
+    assert index.keys.dtype == np.dtype("bfloat16")
+    scores, ids = index.search(queries, 10)
+    assert scores.dtype == np.float32
+    assert recall(ids, numpy_top_k(queries, keys, 10)) >= 0.9

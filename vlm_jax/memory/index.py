@@ -309,6 +309,7 @@ class _DeviceIndex(MemoryIndex):
     def __init__(self, config: IndexConfig, keys: np.ndarray, mesh: jax.sharding.Mesh | None):
         super().__init__(config, num_rows=keys.shape[0], dim=keys.shape[1])
         if mesh is None:
+            # Explicit axes: the memory's row sharding is set once by device_put and never re-derived.
             mesh = jax.make_mesh((jax.device_count(),), ("memory",), axis_types=(jax.sharding.AxisType.Explicit,))
         self.mesh = mesh
         self.axes = tuple(config.mesh_axes or mesh.axis_names)
@@ -318,9 +319,10 @@ class _DeviceIndex(MemoryIndex):
         self.num_shards = math.prod(mesh.shape[axis] for axis in self.axes)
         self.rows_per_shard = -(-self.num_rows // self.num_shards)
         # Padding rows are zeros whose scores the search overwrites with -inf, so they never win.
-        padded = np.zeros((self.rows_per_shard * self.num_shards, self.dim), dtype=np.float32)
+        self.dtype = jnp.dtype(config.dtype)
+        padded = np.zeros((self.rows_per_shard * self.num_shards, self.dim), dtype=self.dtype)
         padded[: self.num_rows] = keys
-        self.keys = jax.device_put(padded.astype(config.dtype), NamedSharding(mesh, P(self.axes, None)))
+        self.keys = jax.device_put(padded, NamedSharding(mesh, P(self.axes, None)))
         # Keyed by everything the compiled search closes over, so views from with_search_config share it.
         self._search_fns: dict[tuple[Any, ...], Any] = {}
 
@@ -355,7 +357,7 @@ class _DeviceIndex(MemoryIndex):
         if cache_key not in self._search_fns:
             self._search_fns[cache_key] = self._make_search_fn(local_k, merged_k)
         scores, ids = self._search_fns[cache_key](
-            self.keys, padded_queries.astype(self.config.dtype), padded_exclude
+            self.keys, padded_queries.astype(self.dtype), padded_exclude
         )
         return np.asarray(scores)[:batch], np.asarray(ids)[:batch].astype(np.int64)
 
