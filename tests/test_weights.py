@@ -223,6 +223,20 @@ def test_bfloat16_load_stays_close_to_float32(reference_dirs):
     assert np.abs(got_image - want_image).max() < 0.05 * np.abs(want_image).max()
 
 
+def test_bfloat16_params_export_and_reload_bit_exactly(reference_dirs, tmp_path):
+    directory, _ = reference_dirs["siglip"]
+    model = load_model(directory, param_dtype="bfloat16")
+    save_pretrained(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    reloaded = transformers.SiglipModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    probe = reloaded.vision_model.head.probe.detach().float().numpy()
+    np.testing.assert_array_equal(probe, np.asarray(model.vision_model.head.probe[...], np.float32))
+    again = load_model(tmp_path, param_dtype="bfloat16")
+    kernel = again.text_model.encoder.layers[0].self_attn.q_proj.kernel[...]
+    np.testing.assert_array_equal(np.asarray(kernel, np.float32), np.asarray(
+        model.text_model.encoder.layers[0].self_attn.q_proj.kernel[...], np.float32))
+
+
 def test_mismatched_checkpoint_lists_missing_unexpected_and_misshaped_keys(reference_dirs, tmp_path):
     directory, _ = reference_dirs["clip_first_eos"]
     tensors = safetensors.numpy.load_file(str(directory / "model.safetensors"))
