@@ -20,13 +20,19 @@ rows of the logits:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+from etils import epath
 from jax.sharding import Mesh, PartitionSpec
+
+from vlm_jax.config_lib import ConfigError
+from vlm_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
 
 DEFAULT_BATCH_AXES = ("data", "fsdp")
 
@@ -298,3 +304,152 @@ def _check_divisible(global_batch: int, shards: int, axes: tuple[str, ...]) -> N
             f"Global batch {global_batch} does not split over the {shards} shards of mesh axes {axes}; "
             f"use a batch size that is a multiple of {shards}."
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# The plain CLIP / SigLIP pre-training method (the trainer's `Method` protocol)
+# --------------------------------------------------------------------------------------------------
+
+
+def model_config_dict(config: CLIPConfig) -> ml_collections.ConfigDict:
+    """A `CLIPConfig` as the nested `config.model` section of an experiment (every field overridable)."""
+    return ml_collections.ConfigDict(dataclasses.asdict(config))
+
+
+def _is_shapes_world(data_config) -> bool:
+    return str(data_config.get("tfds_name", "") or "").startswith("shapes_world") or data_config.get("dataset") == "shapes_world"
+
+
+def _shapes_world_build(data_config) -> str:
+    name = str(data_config.get("tfds_name", "") or "shapes_world/default")
+    return name.split("/", 1)[1].split(":")[0] if "/" in name else "default"
+
+
+class ClipMethod:
+    """Contrastive image-text pre-training of a two-tower model: CLIP (softmax) or SigLIP (sigmoid).
+
+    Config fields (besides the trainer's, see `vlm_jax.train.trainer`):
+      model: a `CLIPConfig` as a nested section (`model_config_dict`); the text tower's vocab_size
+        and eos/pad/bos ids are taken from the tokenizer. Ignored when `init_from` is set, except
+        model.dtype / model.param_dtype (compute and storage dtypes).
+      init_from: a Hugging Face CLIPModel/SiglipModel directory to start from ("" = from scratch);
+        its tokenizer and preprocessing are used unless `tokenizer_dir` says otherwise.
+      loss: "softmax" (CLIP's symmetric InfoNCE) or "sigmoid" (SigLIP; needs a model with a logit bias).
+      label_smoothing: for the softmax loss.
+      tokenizer_dir: directory with tokenizer.json; "" = the init_from directory, else the Shapes
+        World tokenizer when training on Shapes World.
+      data: pipeline section (`vlm_jax.data.pipeline.default_config()`); text_keys pick the captions.
+      evals: evaluator specs (`vlm_jax.evaluate.suite`).
+
+    Export: `<workdir>/export/` in the Hugging Face format (config.json, model.safetensors,
+    tokenizer and preprocessor configs), readable by `load_pretrained` and transformers.
+    """
+
+    def __init__(self, *, tokenizer=None, preprocess=None):
+        self._tokenizer = tokenizer
+        self._preprocess = preprocess
+        self._mesh = None
+        self._batch_axes = DEFAULT_BATCH_AXES
+        self._loss = "softmax"
+        self._label_smoothing = 0.0
+
+    # -- pieces derived from the config ---------------------------------------------------------
+
+    def tokenizer(self, config):
+        """The text tokenizer (loaded once; see `tokenizer_dir`)."""
+        if self._tokenizer is None:
+            from vlm_jax.data.tokenizer import Tokenizer  # noqa: PLC0415
+
+            directory = config.get("tokenizer_dir") or config.get("init_from")
+            if not directory and _is_shapes_world(config.data):
+                from vlm_jax.data import shapes_world  # noqa: PLC0415
+
+                directory = shapes_world.tokenizer_dir(config.data.data_dir, _shapes_world_build(config.data))
+            if not directory:
+                raise ConfigError("No tokenizer: set --config.tokenizer_dir to a directory with tokenizer.json.")
+            context_length = None if config.get("init_from") else int(config.model.text.context_length)
+            self._tokenizer = Tokenizer.from_dir(directory, context_length=context_length)
+        return self._tokenizer
+
+    def preprocess(self, config):
+        """The model's `PreprocessSpec`: the init_from directory's, else CLIP's or SigLIP's default."""
+        if self._preprocess is None:
+            from vlm_jax.data.preprocess import PreprocessSpec  # noqa: PLC0415
+
+            if config.get("init_from"):
+                from vlm_jax.weights import load_pretrained  # noqa: PLC0415
+
+                self._preprocess = load_pretrained(config.init_from).preprocess
+            else:
+                size = int(config.model.vision.image_size)
+                self._preprocess = (PreprocessSpec.siglip(size) if config.model.kind == "siglip"
+                                    else PreprocessSpec.clip(size))
+        return self._preprocess
+
+    def model_config(self, config) -> CLIPConfig:
+        """The `CLIPConfig` of a from-scratch model, with the tokenizer's vocabulary and special ids."""
+        fields = config.model.to_dict()
+        tokenizer = self.tokenizer(config)
+        text = {**fields.pop("text"), "vocab_size": tokenizer.vocab_size, "eos_token_id": tokenizer.eos_id,
+                "pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id}
+        return CLIPConfig(vision=VisionConfig(**fields.pop("vision")), text=TextConfig(**text), **fields)
+
+    # -- the Method protocol --------------------------------------------------------------------
+
+    def create_model(self, config, rngs):
+        if config.get("init_from"):
+            from vlm_jax.weights import load_model  # noqa: PLC0415
+
+            model = load_model(config.init_from, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+        else:
+            model = CLIP(self.model_config(config), rngs=rngs)
+        if config.loss not in ("softmax", "sigmoid"):
+            raise ConfigError(f"config.loss={config.loss!r} is not 'softmax' or 'sigmoid'.")
+        if config.loss == "sigmoid" and model.logit_bias is None:
+            raise ConfigError("config.loss='sigmoid' needs a model with a logit bias; set model.kind='siglip'.")
+        return model
+
+    def constants(self, config, mesh):
+        # The loss needs the mesh and loss settings at trace time; they are static, not arrays.
+        self._mesh = mesh
+        self._batch_axes = tuple(config.sharding.batch_axes)
+        self._loss, self._label_smoothing = config.loss, float(config.get("label_smoothing", 0.0))
+        return None
+
+    def loss_fn(self, model, batch, constants, rng):
+        """Contrastive loss over the global batch {"image": [B, S, S, 3], "text_ids": [B, L]}."""
+        del constants, rng
+        image_emb = model.encode_image(batch["image"])
+        text_emb = model.encode_text(batch["text_ids"])
+        if self._loss == "sigmoid":
+            loss, metrics = sigmoid_loss(image_emb, text_emb, model.logit_scale[...], model.logit_bias[...],
+                                         mesh=self._mesh, axis=self._batch_axes)
+            metrics["logit_bias"] = metrics.pop("bias")
+        else:
+            loss, metrics = softmax_contrastive_loss(
+                image_emb, text_emb, model.logit_scale[...], label_smoothing=self._label_smoothing,
+                mesh=self._mesh, axis=self._batch_axes)
+        metrics["logit_scale"] = metrics.pop("scale")
+        return loss, metrics
+
+    def train_iterator(self, config, process_index, process_count):
+        from vlm_jax.data import pipeline  # noqa: PLC0415
+
+        if _is_shapes_world(config.data):
+            from vlm_jax.data import shapes_world  # noqa: PLC0415
+
+            shapes_world.prepare(config.data.data_dir, _shapes_world_build(config.data))
+        return pipeline.make_train_iterator(
+            config.data, self.preprocess(config), self.tokenizer(config), int(config.global_batch_size),
+            int(config.seed), process_index=process_index, process_count=process_count)
+
+    def evaluators(self, config):
+        from vlm_jax.evaluate import suite  # noqa: PLC0415
+
+        return suite.build_evaluators(config.get("evals", {}), self.preprocess(config), self.tokenizer(config))
+
+    def export(self, model, workdir):
+        from vlm_jax.weights import save_pretrained  # noqa: PLC0415
+
+        save_pretrained(model, epath.Path(workdir) / "export", tokenizer=self._tokenizer,
+                        preprocess=self._preprocess)
