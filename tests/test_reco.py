@@ -1,5 +1,7 @@
 """RECO: uni-modal search / cross-modal fusion, the three-term loss, frozen CLIP, memory paths, premise."""
 
+import dataclasses
+import functools
 import math
 import os
 import subprocess
@@ -11,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -30,11 +31,24 @@ def _unit(rows):
     return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
 
 
-def make_model(*, seed=0, **reco_fields) -> reco.RECO:
+def tiny_clip_config():
+    """tiny() cut to one layer per tower: these tests exercise RECO, not the towers."""
+    config = tiny()
+    return config.replace(vision=dataclasses.replace(config.vision, depth=1),
+                          text=dataclasses.replace(config.text, depth=1))
+
+
+@functools.lru_cache(maxsize=1)
+def _shared_clip() -> CLIP:
+    return CLIP(tiny_clip_config(), rngs=nnx.Rngs(0))
+
+
+def make_model(**reco_fields) -> reco.RECO:
     section = dict(k=3, fusion_config=dict(heads=4, width=32, zero_init_output=False, retrieved_dropout=0.0))
     section.update(reco_fields)
     config = reco.RecoConfig.from_config(section, embed_dim=EMBED_DIM)
-    return reco.RECO(CLIP(tiny(), rngs=nnx.Rngs(seed)), config, rngs=nnx.Rngs(seed + 1))
+    # Building a CLIP eagerly takes seconds on a shared CPU: every test gets a copy of one.
+    return reco.RECO(nnx.clone(_shared_clip()), config, rngs=nnx.Rngs(1))
 
 
 def random_memory(rows=24, seed=0):
@@ -311,7 +325,7 @@ def test_mean_ablation_trains_only_the_temperature():
 def test_method_creates_a_frozen_clip_with_fresh_fusion_and_places_the_training_memory(tmp_path):
     from vlm_jax.weights import save_pretrained
 
-    clip = CLIP(tiny(), rngs=nnx.Rngs(0))
+    clip = _shared_clip()
     save_pretrained(clip, tmp_path / "clip")
     images, texts = random_memory()
     method = reco.RecoMethod()
@@ -337,6 +351,7 @@ def test_method_creates_a_frozen_clip_with_fresh_fusion_and_places_the_training_
 # The premise: knowledge in memory becomes zero-shot accuracy
 
 
+@pytest.mark.slow
 def test_training_the_fusion_recovers_classes_only_the_memory_knows():
     """Images of class c sit near a visual direction u_c unrelated to the class text t_c, so the frozen
     embeddings classify at chance; the memory pairs u_c-like images with t_c-like texts, so an image's
