@@ -26,8 +26,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlm_jax.models.layers import ACTIVATIONS, Dense, Embedding, Encoder, LayerNorm, MLP, Attention
-from vlm_jax.models.layers import partitioned_param
+from vlm_jax.models.layers import (
+    ACTIVATIONS,
+    MLP,
+    Attention,
+    Dense,
+    Embedding,
+    Encoder,
+    LayerNorm,
+    partitioned_param,
+)
 
 # transformers kept this wrong eos id in early CLIP configs and pools those at argmax(ids).
 LEGACY_EOS_TOKEN_ID = 2

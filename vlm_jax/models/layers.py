@@ -44,18 +44,18 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-        "quick_gelu": quick_gelu,
-        "gelu": gelu,
-        "gelu_tanh": gelu_tanh,
+    "quick_gelu": quick_gelu,
+    "gelu": gelu,
+    "gelu_tanh": gelu_tanh,
 }
 
 
 def partitioned_param(
-        rngs: nnx.Rngs,
-        init: Initializer,
-        shape: Sequence[int],
-        names: LogicalNames,
-        param_dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+    init: Initializer,
+    shape: Sequence[int],
+    names: LogicalNames,
+    param_dtype: jnp.dtype,
 ) -> nnx.Param:
     """Creates a Param with logical axis names; len(names) == len(shape)."""
     if len(names) != len(shape):
@@ -76,37 +76,37 @@ class Dense(nnx.Module):
     """
 
     def __init__(
-            self,
-            in_features: int | Sequence[int],
-            out_features: int | Sequence[int],
-            names: LogicalNames,
-            *,
-            use_bias: bool = True,
-            kernel_init: Initializer | None = None,
-            dtype: jnp.dtype = jnp.float32,
-            param_dtype: jnp.dtype = jnp.float32,
-            rngs: nnx.Rngs,
+        self,
+        in_features: int | Sequence[int],
+        out_features: int | Sequence[int],
+        names: LogicalNames,
+        *,
+        use_bias: bool = True,
+        kernel_init: Initializer | None = None,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
     ):
         in_shape, out_shape = _as_shape(in_features), _as_shape(out_features)
         n_in = len(in_shape)
         if kernel_init is None:
             kernel_init = nnx.initializers.variance_scaling(
-                    1.0, "fan_in", "truncated_normal",
-                    in_axis=tuple(range(n_in)),
-                    out_axis=tuple(range(n_in, n_in + len(out_shape))))
+                1.0, "fan_in", "truncated_normal",
+                in_axis=tuple(range(n_in)),
+                out_axis=tuple(range(n_in, n_in + len(out_shape))))
         self.in_ndim = n_in
         self.dtype = dtype
         self.kernel = partitioned_param(rngs, kernel_init, in_shape + out_shape, names, param_dtype)
         self.bias = (
-                partitioned_param(rngs, nnx.initializers.zeros, out_shape, names[n_in:], param_dtype)
-                if use_bias else None)
+            partitioned_param(rngs, nnx.initializers.zeros, out_shape, names[n_in:], param_dtype)
+            if use_bias else None)
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         """[..., *in_shape] -> [..., *out_shape] in the compute dtype."""
         kernel = self.kernel[...].astype(self.dtype)
         outputs = jnp.tensordot(
-                inputs.astype(self.dtype), kernel,
-                axes=(tuple(range(inputs.ndim - self.in_ndim, inputs.ndim)), tuple(range(self.in_ndim))))
+            inputs.astype(self.dtype), kernel,
+            axes=(tuple(range(inputs.ndim - self.in_ndim, inputs.ndim)), tuple(range(self.in_ndim))))
         if self.bias is not None:
             outputs = outputs + self.bias[...].astype(self.dtype)
         return outputs
@@ -116,15 +116,15 @@ class Embedding(nnx.Module):
     """Lookup table: embedding [num_embeddings, features]."""
 
     def __init__(
-            self,
-            num_embeddings: int,
-            features: int,
-            names: LogicalNames,
-            *,
-            init: Initializer,
-            dtype: jnp.dtype = jnp.float32,
-            param_dtype: jnp.dtype = jnp.float32,
-            rngs: nnx.Rngs,
+        self,
+        num_embeddings: int,
+        features: int,
+        names: LogicalNames,
+        *,
+        init: Initializer,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
     ):
         self.dtype = dtype
         self.embedding = partitioned_param(rngs, init, (num_embeddings, features), names, param_dtype)
@@ -138,13 +138,13 @@ class LayerNorm(nnx.Module):
     """LayerNorm over the last dim; scale, bias: [features]."""
 
     def __init__(
-            self,
-            features: int,
-            *,
-            eps: float,
-            dtype: jnp.dtype = jnp.float32,
-            param_dtype: jnp.dtype = jnp.float32,
-            rngs: nnx.Rngs,
+        self,
+        features: int,
+        *,
+        eps: float,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
     ):
         self.eps = eps
         self.dtype = dtype
@@ -168,13 +168,13 @@ class Attention(nnx.Module):
     """
 
     def __init__(
-            self,
-            width: int,
-            heads: int,
-            *,
-            dtype: jnp.dtype = jnp.float32,
-            param_dtype: jnp.dtype = jnp.float32,
-            rngs: nnx.Rngs,
+        self,
+        width: int,
+        heads: int,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
     ):
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
@@ -187,11 +187,11 @@ class Attention(nnx.Module):
         self.out_proj = Dense((heads, head_dim), width, ("heads", "kv", "embed"), **kw)
 
     def __call__(
-            self,
-            queries: jax.Array,
-            keys_values: jax.Array | None = None,
-            *,
-            is_causal: bool = False,
+        self,
+        queries: jax.Array,
+        keys_values: jax.Array | None = None,
+        *,
+        is_causal: bool = False,
     ) -> jax.Array:
         """queries [B, T, width], keys_values [B, S, width] (default: queries) -> [B, T, width]."""
         keys_values = queries if keys_values is None else keys_values
@@ -199,7 +199,7 @@ class Attention(nnx.Module):
         k = self.k_proj(keys_values)
         v = self.v_proj(keys_values)
         attended = jax.nn.dot_product_attention(
-                q, k, v, scale=1.0 / math.sqrt(self.head_dim), is_causal=is_causal)
+            q, k, v, scale=1.0 / math.sqrt(self.head_dim), is_causal=is_causal)
         return self.out_proj(attended)
 
 
@@ -207,14 +207,14 @@ class MLP(nnx.Module):
     """fc1 -> activation -> fc2; fc1 kernel [embed, mlp], fc2 kernel [mlp, embed]."""
 
     def __init__(
-            self,
-            width: int,
-            mlp_dim: int,
-            act: str,
-            *,
-            dtype: jnp.dtype = jnp.float32,
-            param_dtype: jnp.dtype = jnp.float32,
-            rngs: nnx.Rngs,
+        self,
+        width: int,
+        mlp_dim: int,
+        act: str,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
     ):
         if act not in ACTIVATIONS:
             raise ValueError(f"activation {act!r} is not one of {sorted(ACTIVATIONS)}")
@@ -232,16 +232,16 @@ class EncoderLayer(nnx.Module):
     """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
     def __init__(
-            self,
-            width: int,
-            heads: int,
-            mlp_dim: int,
-            act: str,
-            *,
-            eps: float,
-            dtype: jnp.dtype = jnp.float32,
-            param_dtype: jnp.dtype = jnp.float32,
-            rngs: nnx.Rngs,
+        self,
+        width: int,
+        heads: int,
+        mlp_dim: int,
+        act: str,
+        *,
+        eps: float,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layer_norm1 = LayerNorm(width, eps=eps, **kw)
@@ -263,24 +263,24 @@ class Encoder(nnx.Module):
     """A stack of EncoderLayers (``layers.<i>``), optionally rematerialized per block."""
 
     def __init__(
-            self,
-            width: int,
-            depth: int,
-            heads: int,
-            mlp_dim: int,
-            act: str,
-            *,
-            eps: float,
-            remat: bool = False,
-            dtype: jnp.dtype = jnp.float32,
-            param_dtype: jnp.dtype = jnp.float32,
-            rngs: nnx.Rngs,
+        self,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_dim: int,
+        act: str,
+        *,
+        eps: float,
+        remat: bool = False,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
     ):
         self.remat = remat
         self.layers = nnx.List([
-                EncoderLayer(width, heads, mlp_dim, act, eps=eps, dtype=dtype,
-                                          param_dtype=param_dtype, rngs=rngs)
-                for _ in range(depth)])
+            EncoderLayer(width, heads, mlp_dim, act, eps=eps, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+            for _ in range(depth)])
 
     def __call__(self, hidden: jax.Array, *, is_causal: bool = False) -> jax.Array:
         """[B, T, width] -> [B, T, width]."""
