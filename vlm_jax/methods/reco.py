@@ -111,6 +111,11 @@ def reco_config() -> ml_collections.ConfigDict:
     training_retrieval: "on_the_fly" | "precomputed" (see the module docstring).
     exclude_self: drop each training example's own memory row.
     dedup_threshold: drop neighbours with cosine >= this (None: keep all).
+    train_embeddings_dir: train on the frozen-CLIP embeddings of the training pairs stored there by
+      the memory builder (with precomputed neighbours) instead of on `config.data`'s pixels and
+      tokens ("": pixels). Exact for a frozen CLIP and unaugmented data, and the towers never run.
+    eval_embeddings_dir: evaluate `config.evals` on the embeddings stored there
+      (`vlm_jax.methods.reco_pipeline.build_eval_embeddings`) instead of on pixels ("": pixels).
     """
     return ml_collections.ConfigDict(
         {
@@ -136,6 +141,8 @@ def reco_config() -> ml_collections.ConfigDict:
             "training_retrieval": "on_the_fly",
             "exclude_self": True,
             "dedup_threshold": ml_collections.config_dict.placeholder(float),
+            "train_embeddings_dir": "",
+            "eval_embeddings_dir": "",
         }
     )
 
@@ -753,7 +760,7 @@ class RecoMethod:
       dtype: compute dtype of the CLIP and the fusion (default "float32").
       reco: `reco_config()`.
       data: the training data section (`vlm_jax.data.pipeline.default_config()` fields).
-      batch_size, seed: global batch size and data seed.
+      global_batch_size, seed: global batch size and data seed.
       evals: `vlm_jax.evaluate.suite` specs; each runs side by side with and without RECO. For
         Shapes World, `subsets="frequency"` adds the common/rare/novel top-1.
     The optimizer's freeze policy should train `image_fusion/`, `text_fusion/` and `logit_scale`
@@ -770,7 +777,10 @@ class RecoMethod:
 
         key = (str(config.model_dir), str(config.get("dtype", "float32")))
         if key not in self._pretrained:
-            self._pretrained[key] = load_pretrained(config.model_dir, dtype=key[1])
+            # The trainer first calls create_model under a trace (abstract, then jitted creation); the
+            # cached weights must be concrete arrays, not that trace's values.
+            with jax.ensure_compile_time_eval():
+                self._pretrained[key] = load_pretrained(config.model_dir, dtype=key[1])
         return self._pretrained[key]
 
     def memory(self, directory: str) -> Any:
@@ -818,17 +828,23 @@ class RecoMethod:
         return loss_fn(model, batch, constants, rng)
 
     def train_iterator(self, config, process_index: int, process_count: int):
-        """This process's training batches, with "memory_row" (self exclusion) or precomputed neighbours."""
+        """This process's training batches, with "memory_row" (self exclusion) or precomputed neighbours;
+        from stored embeddings when `reco.train_embeddings_dir` is set."""
         from vlm_jax.data import pipeline  # noqa: PLC0415
 
-        pretrained = self.pretrained(config)
         reco = _reco_section(config)
+        if reco["train_embeddings_dir"]:
+            from vlm_jax.methods.reco_pipeline import stored_pairs_iterator  # noqa: PLC0415
+
+            return stored_pairs_iterator(self, config, process_index, process_count)
+        pretrained = self.pretrained(config)
         source = pipeline.make_source(config.data)
         decoder = pipeline.make_decoder(config.data, pretrained.preprocess, pretrained.tokenizer)
         data = config.data
         dataset = pipeline.train_dataset(
-            source, decoder, global_batch_size=config.batch_size, seed=config.seed, process_index=process_index,
-            process_count=process_count, num_epochs=data.get("num_epochs"), shuffle=bool(data.get("shuffle", True)),
+            source, decoder, global_batch_size=int(config.global_batch_size), seed=int(config.seed),
+            process_index=process_index, process_count=process_count, num_epochs=data.get("num_epochs"),
+            shuffle=bool(data.get("shuffle", True)),
             **{name: int(data.get(name, pipeline.default_config()[name]))
                for name in ("worker_count", "worker_buffer_size", "read_threads", "read_buffer_size")})
         if reco["fusion"] != "none":
@@ -866,11 +882,16 @@ class RecoMethod:
         return AddRetrieved(neighbours, memory.image_embeddings, memory.text_embeddings, search=reco["search"])
 
     def evaluators(self, config) -> dict[str, SideBySideEvaluator]:
-        """Every `config.evals` evaluator, run with RECO and with the plain CLIP side by side."""
+        """Every `config.evals` evaluator, run with RECO and with the plain CLIP side by side (on stored
+        embeddings when `reco.eval_embeddings_dir` is set)."""
         from vlm_jax.evaluate import suite  # noqa: PLC0415
 
-        pretrained = self.pretrained(config)
         reco = _reco_section(config)
+        if reco["eval_embeddings_dir"]:
+            from vlm_jax.methods.reco_pipeline import stored_embedding_evaluators  # noqa: PLC0415
+
+            return stored_embedding_evaluators(self, config)
+        pretrained = self.pretrained(config)
         directory = reco["eval_memory_dir"] or reco["memory_dir"]
         evaluators = suite.build_evaluators(config.evals, pretrained.preprocess, pretrained.tokenizer)
         return {name: SideBySideEvaluator(evaluator, functools.partial(self.eval_memory, directory, reco))
@@ -894,3 +915,68 @@ class RecoMethod:
                                       recall_target=index.get("recall_target", 0.95))
             self._memories[key] = placed
         return self._memories[key]
+
+    def export(self, model: RECO, workdir) -> None:
+        """Writes the trained fusion to `<workdir>/export` (`export_fusion`); the CLIP stays where it is."""
+        export_fusion(model, f"{workdir}/export")
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Export: the trained fusion beside its frozen CLIP
+# --------------------------------------------------------------------------------------------------
+
+FUSION_WEIGHTS = "reco_fusion.safetensors"
+FUSION_CONFIG = "reco_config.json"
+
+
+def _fusion_params(model: RECO) -> dict[str, np.ndarray]:
+    """Every Param outside the CLIP, by path ("image_fusion/layers/0/...", "logit_scale")."""
+    from vlm_jax.train.sharding import path_to_name  # noqa: PLC0415
+
+    params = {}
+    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = path_to_name(path)
+        if not name.startswith("clip/"):
+            params[name] = np.asarray(jax.device_get(value.get_value()))
+    return params
+
+
+def export_fusion(model: RECO, directory) -> None:
+    """Writes the fusions and temperature (reco_fusion.safetensors) and the `RecoConfig`
+    (reco_config.json) to `directory`; `load_fusion` puts them back on a CLIP."""
+    import json  # noqa: PLC0415
+
+    import safetensors.numpy  # noqa: PLC0415
+    from etils import epath  # noqa: PLC0415
+
+    directory = epath.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    params = {name: np.ascontiguousarray(value) for name, value in _fusion_params(model).items()}
+    (directory / FUSION_WEIGHTS).write_bytes(safetensors.numpy.save(params))
+    (directory / FUSION_CONFIG).write_text(json.dumps(dataclasses.asdict(model.config), indent=1) + "\n")
+
+
+def load_fusion(directory, clip: CLIP) -> RECO:
+    """The RECO model `export_fusion` wrote, on `clip` (the frozen CLIP it was trained on); attach a
+    memory (`RECO.attach_memory`) to use it."""
+    import json  # noqa: PLC0415
+
+    import safetensors.numpy  # noqa: PLC0415
+    from etils import epath  # noqa: PLC0415
+
+    directory = epath.Path(directory)
+    fields = json.loads((directory / FUSION_CONFIG).read_text())
+    config = RecoConfig(**{**fields, "fusion_config": FusionConfig(**fields["fusion_config"])})
+    model = RECO(clip, config, rngs=nnx.Rngs(0))
+    stored = safetensors.numpy.load((directory / FUSION_WEIGHTS).read_bytes())
+    expected = set(_fusion_params(model))
+    if set(stored) != expected:
+        raise ValueError(f"{directory / FUSION_WEIGHTS} holds {sorted(set(stored) ^ expected)[:4]} where the "
+                         f"config in {FUSION_CONFIG} expects otherwise; export and config come from different runs.")
+    from vlm_jax.train.sharding import path_to_name  # noqa: PLC0415
+
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = path_to_name(path)
+        if name in stored:
+            variable.set_value(jnp.asarray(stored[name], variable.get_value().dtype))
+    return model
