@@ -30,6 +30,7 @@ _WORKDIR = flags.DEFINE_string(
 TASKS = {
     "zero_shot_eval": "vlm_jax.evaluate.tasks:zero_shot_eval",
     "train": "vlm_jax.train.trainer:train_task",
+    "reco": "vlm_jax.methods.reco_pipeline:reco_task",
 }
 
 
