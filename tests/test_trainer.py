@@ -168,8 +168,9 @@ def _main_command(data_dir: Path, workdir: Path) -> list[str]:
             f"--config.data_dir={data_dir}", f"--workdir={workdir}", *SMOKE_OVERRIDES]
 
 
-def _run_until(data_dir: Path, workdir: Path, *, signum: int, after_step: int) -> subprocess.Popen:
-    """Starts the smoke experiment and sends `signum` once metrics.jsonl shows step > after_step."""
+def _run_until(data_dir: Path, workdir: Path, *, signum: int, after_step: int) -> tuple[int, str]:
+    """Starts the smoke experiment, sends `signum` once metrics.jsonl shows step > after_step, and
+    returns (exit code, stderr)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     process = subprocess.Popen(_main_command(data_dir, workdir), cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -181,8 +182,8 @@ def _run_until(data_dir: Path, workdir: Path, *, signum: int, after_step: int) -
             process.send_signal(signum)
             break
         time.sleep(0.05)
-    process.communicate(timeout=300)
-    return process
+    _, stderr = process.communicate(timeout=300)
+    return process.returncode, stderr
 
 
 def _export_tensors(workdir: Path) -> dict[str, np.ndarray]:
@@ -208,8 +209,8 @@ def shapes_data_and_reference(tmp_path_factory):
 def test_resume_after_sigkill_matches_uninterrupted_run_bitwise(shapes_data_and_reference, tmp_path):
     data_dir, reference = shapes_data_and_reference
     workdir = tmp_path / "killed"
-    killed = _run_until(data_dir, workdir, signum=signal.SIGKILL, after_step=12)
-    assert killed.returncode == -signal.SIGKILL
+    returncode, _ = _run_until(data_dir, workdir, signum=signal.SIGKILL, after_step=12)
+    assert returncode == -signal.SIGKILL
     assert not (workdir / "results.json").exists()
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and max(saved) < 40
@@ -232,10 +233,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run_bitwise(shapes_data_and_
 def test_sigterm_saves_the_current_step_and_exits_cleanly(shapes_data_and_reference, tmp_path):
     data_dir, _ = shapes_data_and_reference
     workdir = tmp_path / "terminated"
-    terminated = _run_until(data_dir, workdir, signum=signal.SIGTERM, after_step=5)
-    assert terminated.returncode == 0, terminated.stderr[-3000:]
+    returncode, stderr = _run_until(data_dir, workdir, signum=signal.SIGTERM, after_step=5)
+    assert returncode == 0, stderr[-3000:]
     assert not (workdir / "results.json").exists()
-    stopped = int(next(line for line in terminated.stderr.splitlines()
+    stopped = int(next(line for line in stderr.splitlines()
                        if "Stopped on a preemption notice" in line).split("saving step ")[1].split(";")[0])
     assert 5 < stopped < 40
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())

@@ -325,6 +325,32 @@ def _shapes_world_build(data_config) -> str:
     return name.split("/", 1)[1].split(":")[0] if "/" in name else "default"
 
 
+class NamedCaptionSource:
+    """Shapes World records with a "named_caption": the weak caption's naming, as a short caption.
+
+    Where a record's `weak_caption` contains the name of its main object's entity, "named_caption"
+    is one of the dataset's prompt templates filled with that name ("a photo of a zorvid."), chosen
+    by record index; elsewhere it is the weak caption itself. No entity is named more often than the
+    weak captions name it (rare entities stay rare); only the wording changes, from a bag of words
+    to the short "a photo of a ..." alt-text that web data has and that zero-shot prompts use.
+    """
+
+    def __init__(self, source, class_names, templates):
+        self.source, self.class_names, self.templates = source, tuple(class_names), tuple(templates)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        record = dict(self.source[index])
+        weak = record.get("weak_caption")
+        weak = weak.decode("utf-8") if isinstance(weak, bytes) else str(weak)
+        name = self.class_names[int(record["label"])]
+        named = name in weak.split()
+        record["named_caption"] = self.templates[index % len(self.templates)].format(name) if named else weak
+        return record
+
+
 class ClipMethod:
     """Contrastive image-text pre-training of a two-tower model: CLIP (softmax) or SigLIP (sigmoid).
 
@@ -339,6 +365,8 @@ class ClipMethod:
       tokenizer_dir: directory with tokenizer.json; "" = the init_from directory, else the Shapes
         World tokenizer when training on Shapes World.
       data: pipeline section (`vlm_jax.data.pipeline.default_config()`); text_keys pick the captions.
+      named_caption_weight: Shapes World only; the chance that an example's caption is its
+        `NamedCaptionSource` "named_caption" instead of data.text_keys[0] (0: never).
       evals: evaluator specs (`vlm_jax.evaluate.suite`).
 
     Export: `<workdir>/export/` in the Hugging Face format (config.json, model.safetensors,
@@ -435,13 +463,23 @@ class ClipMethod:
     def train_iterator(self, config, process_index, process_count):
         from vlm_jax.data import pipeline  # noqa: PLC0415
 
+        data, source = config.data, None
         if _is_shapes_world(config.data):
             from vlm_jax.data import shapes_world  # noqa: PLC0415
 
             shapes_world.prepare(config.data.data_dir, _shapes_world_build(config.data))
+            weight = float(config.get("named_caption_weight", 0.0))
+            if weight:
+                source = NamedCaptionSource(pipeline.make_source(config.data), shapes_world.class_names(),
+                                            shapes_world.prompt_templates())
+                data = ml_collections.ConfigDict(config.data.to_dict())
+                data.text_keys = (config.data.text_keys[0], "named_caption")
+                data.text_weights = (1.0 - weight, weight)
+        elif config.get("named_caption_weight", 0.0):
+            raise ConfigError("named_caption_weight applies to Shapes World data only; set it to 0.")
         return pipeline.make_train_iterator(
-            config.data, self.preprocess(config), self.tokenizer(config), int(config.global_batch_size),
-            int(config.seed), process_index=process_index, process_count=process_count)
+            data, self.preprocess(config), self.tokenizer(config), int(config.global_batch_size),
+            int(config.seed), process_index=process_index, process_count=process_count, source=source)
 
     def evaluators(self, config):
         from vlm_jax.evaluate import suite  # noqa: PLC0415
