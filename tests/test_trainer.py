@@ -292,6 +292,7 @@ def test_two_processes_train_together_and_match_one_process(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     """NaN images from the 3rd batch on: step 3's loss is NaN. Checkpoints every 2 steps; step 3 is
     found one step late (the host checks step s after dispatching s+1), still before step 4's save."""

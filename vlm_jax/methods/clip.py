@@ -1,4 +1,5 @@
-"""Contrastive image-text losses over the global batch: softmax (CLIP) and sigmoid (SigLIP).
+"""Plain CLIP / SigLIP pre-training: the contrastive losses over the global batch (softmax for CLIP,
+sigmoid for SigLIP) and `ClipMethod`, the trainer's method for this task (bottom of the file).
 
 Both losses take projected embeddings, L2-normalize them (so callers may pass raw projections or
 already-normalized ones), and a log-space temperature `logit_scale` whose exponential is clamped at
