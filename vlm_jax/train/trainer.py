@@ -76,7 +76,7 @@ METHODS = {
 
 
 class Method(Protocol):
-    """What a method provides to the trainer (see CONTRACTS.md, "Trainer protocol")."""
+    """What a method provides to the trainer; `METHODS` maps config.method to an implementation."""
 
     def create_model(self, config, rngs: nnx.Rngs) -> nnx.Module:
         """The whole model tree, frozen parts included; freezing is config.optim.trainable's job."""
