@@ -2,8 +2,8 @@
 
 One train step = forward of both towers, the symmetric InfoNCE (softmax contrastive) loss, backward,
 global-norm clipping and the AdamW update, float32 on CPU. Ours is the step `vlm_jax.train.trainer`
-builds (`make_train_step` for `ClipMethod`, jitted with the trainer's in/out shardings and the train
-state donated, on the mesh and optimizer the experiment config gives). The reference is transformers'
+builds (`trainer.build_training` for `ClipMethod`: jitted with the trainer's in/out shardings and the
+train state donated, on the mesh and optimizer the experiment config gives). The reference is transformers'
 `CLIPModel(return_loss=True)` (its loss is the same symmetric InfoNCE) with `torch.optim.AdamW`,
 `clip_grad_norm_` and the same learning rate, betas, eps and decay mask (Linear/Conv weights decay;
 embeddings, norms, biases and the logit scale do not), started from the same weights: our random
@@ -161,71 +161,28 @@ def model_flops_per_example(model_config, batch: int) -> float:
 
 @dataclasses.dataclass
 class TrainerStep:
-    """The jitted train step exactly as `trainer.train` builds it, with its initial inputs."""
+    """The trainer's jitted step (`trainer.build_training`) and what the breakdown needs beside it."""
 
-    step: object  # jitted (state, frozen, batch, constants) -> (state, metrics), state donated
-    state: dict
-    frozen: object
-    constants: object
-    graphdef: object
-    mesh: object
-    batch_axes: tuple
+    training: object  # trainer.Training: mesh, graphdef, state, frozen, constants, train_step, batch_axes
     model_config: object
     loss_fn: object  # (params, batch) -> (loss, metrics), the method's loss on the merged model
-    schedule: object
 
 
 def build_trainer_step(config, method) -> TrainerStep:
-    """Steps 1-5 of `trainer.train` up to the jitted step (no data iterator, checkpoints or evals).
-
-    `train()` builds its step inline; this follows its code line for line with the public pieces
-    (`make_train_step`, `split_trainable`, `optim`, `sharding`) and `trainer._optimizer_shardings`.
-    """
+    """The step exactly as `trainer.train` runs it (no data iterator, checkpoints or evals)."""
     import jax
-    import jax.numpy as jnp
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    from vlm_jax.train import optim, sharding, trainer
+    from vlm_jax.train import trainer
 
-    mesh = sharding.mesh_from_config(config.sharding)
-    sharding_section = sharding.sharding_config().to_dict() | dict(config.sharding)
-    rules, batch_axes = sharding_section["rules"], tuple(sharding_section["batch_axes"])
-    optim_section = optim.optim_config().to_dict() | dict(config.optim)
-    seed = int(config.seed)
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    model = sharding.create_sharded_model(
-        lambda: method.create_model(config, nnx.Rngs(seed)), mesh, rules,
-        allow_unannotated=sharding_section["allow_unannotated"])
-    model_config = model.config
-    graphdef, params, frozen = trainer.split_trainable(model, optim_section["trainable"])
-    del model
-    tx, _ = optim.make_optimizer(optim_section, params)
-    schedule = optim.make_schedule(optim_section)
-    opt_shardings = trainer._optimizer_shardings(tx, params, mesh)
-    state = {
-        "params": params,
-        "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params),
-        **jax.jit(lambda: {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key(seed)},
-                  out_shardings=replicated)(),
-    }
-    state_shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
-    frozen_shardings = jax.tree.map(lambda leaf: leaf.sharding, frozen)
-    constants = method.constants(config, mesh)
-    constant_shardings = jax.tree.map(lambda leaf: leaf.sharding, constants)
-    batch_sharding = sharding.batch_sharding(mesh, 1, batch_axes)
-    step = jax.jit(
-        trainer.make_train_step(method, graphdef, tx, schedule, int(optim_section["accumulation_steps"])),
-        in_shardings=(state_shardings, frozen_shardings, batch_sharding, constant_shardings),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,),
-    )
+    training = trainer.build_training(config, method)
+    model_config = nnx.merge(training.graphdef, training.state["params"], training.frozen).config
 
     def loss_fn(params, batch):
-        return method.loss_fn(nnx.merge(graphdef, params, frozen), batch, constants, jax.random.key(0))
+        model = nnx.merge(training.graphdef, params, training.frozen)
+        return method.loss_fn(model, batch, training.constants, jax.random.key(0))
 
-    return TrainerStep(step, state, frozen, constants, graphdef, mesh, batch_axes, model_config, loss_fn, schedule)
+    return TrainerStep(training, model_config, loss_fn)
 
 
 def make_batch(model_config, batch: int, seed: int = 0):
@@ -333,17 +290,20 @@ def compare(shape: str, batch: int | None, args) -> dict:
     with tempfile.TemporaryDirectory() as directory:
         config, method = benchmark_setup(shape, batch, os.path.join(directory, "tokenizer"))
         ours = build_trainer_step(config, method)
+        training = ours.training
         batch_size = int(config.global_batch_size)
         host_batch = make_batch(ours.model_config, batch_size)
-        save_pretrained(nnx.merge(ours.graphdef, ours.state["params"], ours.frozen), os.path.join(directory, "hf"))
+        save_pretrained(nnx.merge(training.graphdef, training.state["params"], training.frozen),
+                        os.path.join(directory, "hf"))
         optim_section = optim.optim_config().to_dict() | dict(config.optim)
         schedule = optim.make_schedule(optim_section)
         lrs = np.asarray(jax.jit(jax.vmap(schedule))(np.arange(args.warmup + args.iters + 1)))
         reference = TorchStep(os.path.join(directory, "hf"), optim_section, lambda step: lrs[step], host_batch)
-    device_batch = sharding.shard_batch(host_batch, ours.mesh, ours.batch_axes)
+    device_batch = sharding.shard_batch(host_batch, training.mesh, training.batch_axes)
 
     def ours_step():
-        ours.state, metrics = ours.step(ours.state, ours.frozen, device_batch, ours.constants)
+        training.state, metrics = training.train_step(training.state, training.frozen, device_batch,
+                                                      training.constants)
         return jax.block_until_ready(metrics)
 
     # The breakdown reads the params of the latest step at call time: the next step donates them.
@@ -351,10 +311,10 @@ def compare(shape: str, batch: int | None, args) -> dict:
     grad_fn = jax.jit(jax.value_and_grad(ours.loss_fn, has_aux=True))
 
     def ours_forward():
-        return jax.block_until_ready(forward_fn(ours.state["params"], device_batch))
+        return jax.block_until_ready(forward_fn(training.state["params"], device_batch))
 
     def ours_forward_backward():
-        return jax.block_until_ready(grad_fn(ours.state["params"], device_batch))
+        return jax.block_until_ready(grad_fn(training.state["params"], device_batch))
 
     start = time.perf_counter()
     ours_loss = float(ours_step()["loss"])
@@ -377,7 +337,7 @@ def compare(shape: str, batch: int | None, args) -> dict:
     times = _alternate(timed, args.iters)
     medians = [statistics.median(t) for t in times]
     row = dict(shape=shape, batch=batch_size, iters=args.iters,
-               params=int(sum(np.prod(x.shape) for x in jax.tree.leaves(ours.state["params"]))),
+               params=int(sum(np.prod(x.shape) for x in jax.tree.leaves(training.state["params"]))),
                ours_per_s=batch_size / medians[0], reference_per_s=batch_size / medians[1],
                ours_step_s=times[0], reference_step_s=times[1],
                ours_first_step_s=ours_first_s, ours_loss=ours_loss, reference_loss=reference_loss,
@@ -435,24 +395,25 @@ def mfu(args) -> dict:
     with tempfile.TemporaryDirectory() as directory:
         config, method = benchmark_setup("vit_b16", batch, directory, dtype="bfloat16", remat=args.remat)
     ours = build_trainer_step(config, method)
-    device_batch = sharding.shard_batch(make_batch(ours.model_config, batch), ours.mesh, ours.batch_axes)
+    training = ours.training
+    device_batch = sharding.shard_batch(make_batch(ours.model_config, batch), training.mesh, training.batch_axes)
     start = time.perf_counter()
-    compiled = ours.step.lower(ours.state, ours.frozen, device_batch, ours.constants).compile()
+    compiled = training.train_step.lower(training.state, training.frozen, device_batch, training.constants).compile()
     compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
     model_flops = batch * model_flops_per_example(ours.model_config, batch)
 
-    state = ours.state
+    state = training.state
     for _ in range(max(1, args.warmup)):
-        state, metrics = compiled(state, ours.frozen, device_batch, ours.constants)
+        state, metrics = compiled(state, training.frozen, device_batch, training.constants)
     jax.block_until_ready(metrics)
     load_before = _load()
     # Steps are dispatched back to back, as the trainer does, and waited for once.
     start = time.perf_counter()
     for _ in range(args.mfu_steps):
-        state, metrics = compiled(state, ours.frozen, device_batch, ours.constants)
+        state, metrics = compiled(state, training.frozen, device_batch, training.constants)
     jax.block_until_ready((state, metrics))
     step_s = (time.perf_counter() - start) / args.mfu_steps
     peak = args.peak_tflops * 1e12 * jax.device_count()

@@ -42,6 +42,7 @@ Config fields read here (defaults in `trainer_config()`; each method adds its ow
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import time
@@ -293,24 +294,32 @@ def _bad_input_totals(counter: BadInputCounter) -> dict[str, float]:
     return {name: float(value) for name, value in totals.items()}
 
 
-def train(config, workdir: epath.PathLike, method: Method) -> dict[str, float]:
-    """Trains `method` as `config` says, resuming from `workdir` if it holds a checkpoint.
+@dataclasses.dataclass
+class Training:
+    """Everything the loop steps: the mesh, the model split into trainable state and the rest, and the
+    jitted train step `train_step(state, frozen, batch, constants) -> (state, metrics)`.
 
-    Returns:
-      The final metrics (last logged train metrics and final evaluation), also written to
-      `<workdir>/results.json`. A run stopped by SIGTERM returns {"preempted_at_step": step}
-      and writes no results.
-
-    Raises:
-      NonFiniteLossError: the loss or gradient norm became NaN/inf (the message names the step).
+    state: {"params", "opt_state", "step", "rng"} (donated to each step); frozen: the model's other
+    state; constants: `method.constants(config, mesh)`; batch_axes: mesh axes of the batch dimension.
     """
-    workdir = epath.Path(workdir)
+
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    state: dict[str, Any]
+    frozen: nnx.State
+    constants: Any
+    train_step: Any
+    batch_axes: tuple[str, ...]
+
+
+def build_training(config, method: Method) -> Training:
+    """Starts the distributed runtime, builds the mesh, the sharded model and optimizer state, and jits
+    the train step, as `train` does before its first step (also used by benchmarks/train_step.py)."""
     sharding.initialize_distributed(_field(config, "distributed"))
     mesh = sharding.mesh_from_config(_field(config, "sharding"))
     sharding_section = sharding.sharding_config().to_dict() | dict(_field(config, "sharding"))
     rules, batch_axes = sharding_section["rules"], tuple(sharding_section["batch_axes"])
-    chief = jax.process_index() == 0
-    total_steps, seed = int(config.total_steps), int(config.seed)
+    seed = int(config.seed)
     optim_section = optim.optim_config().to_dict() | dict(config.optim)
     accumulation_steps = int(optim_section["accumulation_steps"])
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -343,6 +352,26 @@ def train(config, workdir: epath.PathLike, method: Method) -> dict[str, float]:
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
     )
+    return Training(mesh, graphdef, state, frozen, constants, train_step, batch_axes)
+
+
+def train(config, workdir: epath.PathLike, method: Method) -> dict[str, float]:
+    """Trains `method` as `config` says, resuming from `workdir` if it holds a checkpoint.
+
+    Returns:
+      The final metrics (last logged train metrics and final evaluation), also written to
+      `<workdir>/results.json`. A run stopped by SIGTERM returns {"preempted_at_step": step}
+      and writes no results.
+
+    Raises:
+      NonFiniteLossError: the loss or gradient norm became NaN/inf (the message names the step).
+    """
+    workdir = epath.Path(workdir)
+    setup = build_training(config, method)
+    mesh, graphdef, frozen, constants = setup.mesh, setup.graphdef, setup.frozen, setup.constants
+    state, train_step, batch_axes = setup.state, setup.train_step, setup.batch_axes
+    chief = jax.process_index() == 0
+    total_steps = int(config.total_steps)
 
     data_iterator = method.train_iterator(config, jax.process_index(), jax.process_count())
     checkpointer = checkpoint_lib.Checkpointer.from_config(workdir / "checkpoints", _field(config, "checkpoint"))
