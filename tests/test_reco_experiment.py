@@ -89,14 +89,20 @@ def test_a_misspelt_option_or_backend_is_an_error():
 def test_run_config_applies_the_variant_and_points_at_the_stored_embeddings():
     config = experiment().get_config("shapes")
     with config.unlocked():
-        config.variants.wide = {"k": 4, "fusion_config": {"width": 64}}
+        config.variants.wide = {"k": 4, "fusion_config": {"width": 96}}
     run = reco_pipeline.run_config(config, variant="wide", seed=7, clip_dir="/c", memory_dir="/m",
                                    workdir=pathlib.Path("/w"))
     assert (run.task, run.seed, run.model_dir, run.reco.memory_dir) == ("train", 7, "/c", "/m")
-    assert run.reco.k == 4 and run.reco.fusion_config.width == 64 and run.reco.fusion_config.heads == 4
-    assert run.reco.train_embeddings_dir == "/w/train_embeddings"
+    assert run.reco.k == 4 and run.reco.fusion_config.width == 96 and run.reco.fusion_config.heads == 4
+    assert run.reco.train_embeddings_dirs == ("/w/train_embeddings/memory", "/w/train_embeddings/pretrain")
+    assert run.reco.train_weights == (0.25, 0.75)  # memory, pretrain
+    with config.unlocked():
+        config.train_weights = {"pretrain": 3.0}
+    weighted = reco_pipeline.run_config(config, variant="reco", seed=0, clip_dir="/c", memory_dir="/m",
+                                        workdir=pathlib.Path("/w"))
+    assert weighted.reco.train_weights == (0.0, 3.0)
     assert run.reco.eval_embeddings_dir == "/w/eval_embeddings"
-    assert config.reco.k == 10  # the experiment config itself is untouched
+    assert config.reco.k == 16  # the experiment config itself is untouched
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,7 +127,7 @@ def method_with(stores: dict) -> reco.RecoMethod:
 
 def train_config(**reco_fields):
     config = ml_collections.ConfigDict(dict(global_batch_size=8, seed=3, reco=reco.reco_config()))
-    config.reco.update(dict(memory_dir="memory", train_embeddings_dir="train", k=3, **reco_fields))
+    config.reco.update({"memory_dir": "memory", "train_embeddings_dirs": ("train",), "k": 3, **reco_fields})
     return config
 
 
@@ -146,6 +152,25 @@ def test_stored_pairs_iterator_adds_the_neighbours_values_and_resumes_exactly():
     np.testing.assert_array_equal([next(resumed)["index"] for _ in range(6)], following)
     halves = [next(method.train_iterator(train_config(), p, 2))["index"] for p in range(2)]
     assert len(halves[0]) == 4 and not set(halves[0]) & set(halves[1])
+
+
+def test_train_weights_set_how_often_each_source_is_drawn_and_exclusion_is_per_source():
+    rng = np.random.default_rng(3)
+    memory = fake_store(rng.normal(size=(32, 16)), rng.normal(size=(32, 16)))
+    pretrain = fake_store(rng.normal(size=(64, 16)), rng.normal(size=(64, 16)), split="pretrain")
+    method = method_with({"memory": memory, "pretrain": pretrain})
+    config = train_config(train_embeddings_dirs=("memory", "pretrain"), train_weights=(1.0, 3.0))
+    iterator = method.train_iterator(config, 0, 1)
+    rows = np.concatenate([next(iterator)["index"] for _ in range(40)])
+    assert 0.18 < np.mean(rows < 32) < 0.32  # a quarter from the memory source (rows 0-31 of the union)
+    batch = next(iterator)
+    from_memory = batch["index"] < 32
+    # Memory pairs never retrieve themselves; pretrain pairs (another source, positional ids) may
+    # retrieve any row.
+    assert not (batch["retrieved_for_image_ids"][from_memory] == batch["index"][from_memory, None]).any()
+    only_pretrain = method.train_iterator(train_config(train_embeddings_dirs=("memory", "pretrain"),
+                                                       train_weights=(0.0, 1.0)), 0, 1)
+    assert min(next(only_pretrain)["index"].min() for _ in range(5)) >= 32
 
 
 def test_self_exclusion_drops_each_examples_own_row_when_it_trains_on_the_memory_itself():
@@ -269,7 +294,7 @@ def test_evaluation_on_stored_embeddings_equals_the_evaluators_on_pixels(tmp_pat
 
 
 def _memory_files(directory: pathlib.Path) -> dict[str, int]:
-    return {path.name: path.stat().st_mtime_ns for path in sorted(directory.glob("shard_*"))}
+    return {str(path.relative_to(directory)): path.stat().st_mtime_ns for path in sorted(directory.rglob("shard_*"))}
 
 
 @pytest.mark.slow

@@ -111,9 +111,11 @@ def reco_config() -> ml_collections.ConfigDict:
     training_retrieval: "on_the_fly" | "precomputed" (see the module docstring).
     exclude_self: drop each training example's own memory row.
     dedup_threshold: drop neighbours with cosine >= this (None: keep all).
-    train_embeddings_dir: train on the frozen-CLIP embeddings of the training pairs stored there by
-      the memory builder (with precomputed neighbours) instead of on `config.data`'s pixels and
-      tokens ("": pixels). Exact for a frozen CLIP and unaugmented data, and the towers never run.
+    train_embeddings_dirs: train on the frozen-CLIP embeddings of the training pairs stored in these
+      directories by the memory builder (their union, with precomputed neighbours) instead of on
+      `config.data`'s pixels and tokens ((): pixels). Exact for a frozen CLIP and unaugmented data,
+      and the towers never run.
+    train_weights: sampling weight of each train_embeddings_dirs source (): in proportion to size).
     eval_embeddings_dir: evaluate `config.evals` on the embeddings stored there
       (`vlm_jax.methods.reco_pipeline.build_eval_embeddings`) instead of on pixels ("": pixels).
     """
@@ -141,7 +143,8 @@ def reco_config() -> ml_collections.ConfigDict:
             "training_retrieval": "on_the_fly",
             "exclude_self": True,
             "dedup_threshold": ml_collections.config_dict.placeholder(float),
-            "train_embeddings_dir": "",
+            "train_embeddings_dirs": (),
+            "train_weights": (),
             "eval_embeddings_dir": "",
         }
     )
@@ -829,11 +832,11 @@ class RecoMethod:
 
     def train_iterator(self, config, process_index: int, process_count: int):
         """This process's training batches, with "memory_row" (self exclusion) or precomputed neighbours;
-        from stored embeddings when `reco.train_embeddings_dir` is set."""
+        from stored embeddings when `reco.train_embeddings_dirs` is set."""
         from vlm_jax.data import pipeline  # noqa: PLC0415
 
         reco = _reco_section(config)
-        if reco["train_embeddings_dir"]:
+        if reco["train_embeddings_dirs"]:
             from vlm_jax.methods.reco_pipeline import stored_pairs_iterator  # noqa: PLC0415
 
             return stored_pairs_iterator(self, config, process_index, process_count)

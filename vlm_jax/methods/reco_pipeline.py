@@ -11,9 +11,10 @@ Steps, each resumable (a rerun of the same command skips what is on disk):
    `<workdir>/memory` (`vlm_jax.memory.build`: shards, resumable, multi-host); `reco.memory_dir`
    names a memory built elsewhere instead.
 3. Training pairs as embeddings (`embeddings.train`): the CLIP is frozen and the training data is
-   not augmented, so every epoch would compute the same embeddings; the builder stores them once
-   in `<workdir>/train_embeddings`, and the fusion trains on them with neighbours searched once
-   (`reco.training_retrieval="precomputed"`). Exact, and the towers never run during training.
+   not augmented, so every epoch would compute the same embeddings; the builder stores each source
+   of `config.train_data` once in `<workdir>/train_embeddings/<name>`, and the fusion trains on
+   their union with neighbours searched once (`reco.training_retrieval="precomputed"`). Exact, and
+   the towers never run during training.
 4. Evaluation sets as embeddings (`embeddings.eval`): the eval images, retrieval captions and
    zero-shot prompts embedded once into `<workdir>/eval_embeddings`; every evaluation then runs
    the stock evaluators on them (`EmbeddingInputs`), RECO and the frozen CLIP side by side.
@@ -135,25 +136,41 @@ class StoredPairs:
 
 
 def stored_pairs_iterator(method: RecoMethod, config, process_index: int, process_count: int) -> grain.DatasetIterator:
-    """Restorable iterator of training batches from `reco.train_embeddings_dir`.
+    """Restorable iterator of training batches from `reco.train_embeddings_dirs`.
 
-    Batches: "index" int64 [b], "image_embedding"/"text_embedding" float32 [b, D], and the
-    precomputed neighbours of `AddRetrieved` ([b, k, D] values, [b, k] memory rows), b = this
-    process's share of `global_batch_size`. Shuffled with `config.seed`, repeated forever.
+    Each source is shuffled (`config.seed`), split over processes and repeated forever; batches
+    draw from the sources with `reco.train_weights` (default: in proportion to their sizes, i.e.
+    uniformly over the union). Batches: "index" int64 [b] (row of the union),
+    "image_embedding"/"text_embedding" float32 [b, D], and the precomputed neighbours of
+    `AddRetrieved` ([b, k, D] values, [b, k] memory rows), b = this process's share of
+    `global_batch_size`.
     """
     from vlm_jax.data.pipeline import per_process_batch_size  # noqa: PLC0415
     from vlm_jax.methods.reco import _reco_section  # noqa: PLC0415
 
     reco = _reco_section(config)
-    examples = method.memory(reco["train_embeddings_dir"])
-    source = StoredPairs(examples.image_embeddings, examples.text_embeddings)
+    directories = tuple(reco["train_embeddings_dirs"])
+    parts = [method.memory(directory) for directory in directories]
+    sizes = [part.num_rows for part in parts]
+    weights = tuple(reco["train_weights"]) or tuple(sizes)
+    if len(weights) != len(parts) or min(weights) < 0 or not sum(weights):
+        raise ValueError(f"reco.train_weights={weights} must give one non-negative weight per directory of "
+                         f"train_embeddings_dirs ({len(parts)}), not all zero.")
+    source = StoredPairs(np.concatenate([np.asarray(part.image_embeddings) for part in parts]),
+                         np.concatenate([np.asarray(part.text_embeddings) for part in parts]))
     batch_size = per_process_batch_size(int(config.global_batch_size), process_count)
-    per_host = len(source) // process_count
-    if per_host < batch_size:
-        raise ValueError(f"{reco['train_embeddings_dir']} holds {len(source)} pairs, fewer than one batch of "
-                         f"{batch_size} per process; lower global_batch_size.")
-    dataset = grain.MapDataset.source(source).seed(int(config.seed)).shuffle()
-    dataset = dataset[process_index : per_host * process_count : process_count].repeat(None)
+    union = grain.MapDataset.source(source).seed(int(config.seed))
+    streams, offsets = [], np.cumsum([0, *sizes])
+    for directory, start, stop, weight in zip(directories, offsets[:-1], offsets[1:], weights):
+        if not weight:
+            continue
+        per_host = (stop - start) // process_count
+        if per_host == 0:
+            raise ValueError(f"{directory} holds {stop - start} pairs, fewer than the {process_count} processes.")
+        stream = union[int(start) : int(stop)].shuffle()
+        streams.append(stream[process_index : per_host * process_count : process_count].repeat(None))
+    weights = [float(weight) for weight in weights if weight]
+    dataset = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
     dataset = dataset.batch(batch_size, drop_remainder=True)
     if reco["fusion"] != "none":
         dataset = dataset.map(stored_neighbours(method, reco))
@@ -161,18 +178,20 @@ def stored_pairs_iterator(method: RecoMethod, config, process_index: int, proces
 
 
 def stored_neighbours(method: RecoMethod, reco: Mapping[str, Any]) -> AddRetrieved:
-    """Each stored training pair's memory neighbours, searched once (cached per search setting)."""
-    key = ("neighbours", reco["train_embeddings_dir"], reco["memory_dir"], reco["k"], reco["search"],
-           reco["exclude_self"], reco["dedup_threshold"], json.dumps(dict(reco["index"]), sort_keys=True))
+    """The memory neighbours of every stored training pair (rows of the union of
+    `train_embeddings_dirs`), searched once; each source excludes its own pairs' memory rows."""
+    directories = tuple(reco["train_embeddings_dirs"])
+    key = ("neighbours", directories, reco["memory_dir"], reco["k"], reco["search"], reco["exclude_self"],
+           reco["dedup_threshold"], json.dumps(dict(reco["index"]), sort_keys=True))
     if key not in method._memories:
-        examples, memory = method.memory(reco["train_embeddings_dir"]), method.memory(reco["memory_dir"])
-        exclude = self_match_rows(examples, memory) if reco["exclude_self"] else None
-        index = dict(reco["index"])
+        parts, memory = [method.memory(directory) for directory in directories], method.memory(reco["memory_dir"])
+        exclude = np.concatenate([self_match_rows(part, memory) for part in parts]) if reco["exclude_self"] else None
         # The search runs once on the host: a device backend here is the exact top-k on local devices.
         neighbours = precompute_neighbours(
-            examples.image_embeddings, examples.text_embeddings, memory.image_embeddings, memory.text_embeddings,
-            k=reco["k"], search=reco["search"], index_config=index, exclude_rows=exclude,
-            dedup_threshold=reco["dedup_threshold"])
+            np.concatenate([np.asarray(part.image_embeddings) for part in parts]),
+            np.concatenate([np.asarray(part.text_embeddings) for part in parts]),
+            memory.image_embeddings, memory.text_embeddings, k=reco["k"], search=reco["search"],
+            index_config=dict(reco["index"]), exclude_rows=exclude, dedup_threshold=reco["dedup_threshold"])
         method._memories[key] = AddRetrieved(neighbours, memory.image_embeddings, memory.text_embeddings,
                                              search=reco["search"])
     return method._memories[key]
@@ -409,8 +428,19 @@ def run_config(config, *, variant: str, seed: int, clip_dir: str, memory_dir: st
     run.task, run.method, run.seed, run.model_dir = "train", "reco", int(seed), clip_dir
     run.reco.memory_dir = memory_dir
     if config.embeddings.train:
-        run.reco.train_embeddings_dir = str(workdir / TRAIN_EMBEDDINGS)
+        run.reco.train_embeddings_dirs = tuple(str(workdir / TRAIN_EMBEDDINGS / name) for name in config.train_data)
+        weights = config.get("train_weights") or {}
+        unknown = sorted(set(weights) - set(config.train_data))
+        if unknown:
+            raise ConfigError(f"train_weights names {unknown}, which are not train_data sources {list(config.train_data)}.")
+        if weights:
+            run.reco.train_weights = tuple(float(weights.get(name, 0.0)) for name in config.train_data)
         run.reco.training_retrieval = "precomputed"
+    elif len(config.train_data) == 1:
+        run.data = next(iter(config.train_data.values()))
+    else:
+        raise ConfigError(f"training on pixels reads one source, but train_data names {list(config.train_data)}; "
+                          "keep one or set embeddings.train=True.")
     if config.embeddings.eval:
         run.reco.eval_embeddings_dir = str(workdir / EVAL_EMBEDDINGS)
     overrides = config.variants[variant].to_dict()
@@ -488,9 +518,10 @@ def reco_task(config, workdir: epath.Path) -> dict[str, float]:
         timed("memory", memory_step)
     if config.embeddings.train:
         def train_embeddings_step():
-            _prepare_source(config.data)
-            build_memory(_embedding_build_config(config.data, embed), clip_dir, None, None,
-                         workdir / TRAIN_EMBEDDINGS)
+            for name, data in config.train_data.items():
+                _prepare_source(data)
+                build_memory(_embedding_build_config(data, embed), clip_dir, None, None,
+                             workdir / TRAIN_EMBEDDINGS / name)
 
         timed("train_embeddings", train_embeddings_step)
     if config.embeddings.eval:
