@@ -90,7 +90,8 @@ def _index(backend: str, *, dtype: str) -> dict:
 
 
 def _shapes(config: ml_collections.ConfigDict, smoke: bool, backend: str) -> None:
-    config.clip_config = str(pathlib.Path(__file__).with_name("clip.py")) + (":shapes,smoke=True" if smoke else ":shapes")
+    clip_arg = ":shapes,smoke=True" if smoke else ":shapes"
+    config.clip_config = str(pathlib.Path(__file__).with_name("clip.py")) + clip_arg
     tfds_name = "shapes_world/test" if smoke else "shapes_world/default"
     shapes = dict(source="tfds", tfds_name=tfds_name, data_dir=config.get_ref("data_dir"))
 

@@ -112,7 +112,8 @@ def self_match_rows(examples, memory) -> np.ndarray:
     """
     from vlm_jax.methods.reco import memory_rows_of  # noqa: PLC0415
 
-    if (_positional_ids(examples) or _positional_ids(memory)) and _source_identity(examples) != _source_identity(memory):
+    positional = _positional_ids(examples) or _positional_ids(memory)
+    if positional and _source_identity(examples) != _source_identity(memory):
         return np.full((examples.num_rows,), -1, np.int32)
     return memory_rows_of(examples.ids, memory.ids)
 
@@ -432,7 +433,8 @@ def run_config(config, *, variant: str, seed: int, clip_dir: str, memory_dir: st
         weights = config.get("train_weights") or {}
         unknown = sorted(set(weights) - set(config.train_data))
         if unknown:
-            raise ConfigError(f"train_weights names {unknown}, which are not train_data sources {list(config.train_data)}.")
+            raise ConfigError(f"train_weights names {unknown}, which are not train_data sources "
+                              f"{list(config.train_data)}.")
         if weights:
             run.reco.train_weights = tuple(float(weights.get(name, 0.0)) for name in config.train_data)
         run.reco.training_retrieval = "precomputed"
