@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
+
+import bench_common
 
 
 def _parse_args() -> argparse.Namespace:
@@ -36,17 +37,6 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--skip_text", action="store_true")
     parser.add_argument("--json", default="", help="also write the results to this file")
     return parser.parse_args()
-
-
-def _machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        model = names[0] if names else model
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
 
 
 def _load() -> str:
@@ -82,7 +72,7 @@ def main() -> None:
     from vlm_jax.weights import load_model, save_pretrained
 
     torch.set_num_threads(args.threads)
-    print(f"machine: {_machine()}")
+    print(f"machine: {bench_common.machine()}")
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}")
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  load average at start: {_load()}")
@@ -156,7 +146,7 @@ def main() -> None:
 
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(machine=_machine(), xla_flags=os.environ.get("XLA_FLAGS", ""),
+            json.dump(dict(machine=bench_common.machine(), xla_flags=os.environ.get("XLA_FLAGS", ""),
                            results=results), f, indent=2)
 
 

@@ -50,6 +50,8 @@ import argparse
 import os
 import sys
 
+import bench_common
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,7 +81,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import functools  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -98,18 +99,6 @@ from vlm_jax.methods import reco as reco_lib  # noqa: E402
 # --------------------------------------------------------------------------------------------------
 # Machine, load, memory
 # --------------------------------------------------------------------------------------------------
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        model = names[0] if names else model
-    except OSError:
-        pass
-    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{model}, {os.cpu_count()} logical cores, {memory_gb:.0f} GB RAM, {platform.system()} {platform.release()}"
 
 
 def load() -> str:
@@ -386,7 +375,7 @@ def main() -> int:
     unknown = sorted(set(backends) - {"exact", "scann"})
     if unknown:
         raise SystemExit(f"--backend takes exact and/or scann, got {unknown}; approx is TPU-only (see the docstring).")
-    log(f"machine: {machine()}")
+    log(f"machine: {bench_common.machine()}")
     log(f"jax {jax.__version__} ({jax.devices()[0].platform}, {jax.device_count()} device), load at start: {load()}")
     log(f"memory {ARGS.memory_size} x 512, batch {ARGS.batch}, k {ARGS.k}, iters {ARGS.iters} x {ARGS.rounds} rounds, "
         f"noise {ARGS.noise}, {ARGS.rows_per_centre} rows per centre")
@@ -430,7 +419,7 @@ def main() -> int:
             f"build {result['build_s']:.1f} s  | {parts}")
     if ARGS.json:
         with open(ARGS.json, "w") as f:
-            json.dump(dict(args=vars(ARGS), machine=machine(), memory_generate_s=generate_s,
+            json.dump(dict(args=vars(ARGS), machine=bench_common.machine(), memory_generate_s=generate_s,
                            results=bench.results), f, indent=2)
     return 0
 

@@ -43,10 +43,11 @@ import importlib.util
 import json
 import os
 import pathlib
-import platform
 import statistics
 import tempfile
 import time
+
+import bench_common
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_BATCHES = "shapes=128,vit_b32=32,vit_b16=8"
@@ -70,17 +71,6 @@ def _parse_args() -> argparse.Namespace:
                         help="--mfu: device peak TFLOP/s in the compute dtype (H100 SXM bf16 dense: 989)")
     parser.add_argument("--json", default="", help="also write the results to this file")
     return parser.parse_args()
-
-
-def _machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        model = names[0] if names else model
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
 
 
 def _load() -> float:
@@ -443,7 +433,7 @@ def main() -> None:
     args = _parse_args()
     import jax
 
-    print(f"machine: {_machine()}")
+    print(f"machine: {bench_common.machine()}")
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}, {jax.device_count()} device(s)); "
           f"1-minute load average at start: {_load():.2f}  XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     if args.mfu:
@@ -460,7 +450,7 @@ def main() -> None:
     print(f"\n1-minute load average at end: {_load():.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(machine=_machine(), results=results), f, indent=2, default=float)
+            json.dump(dict(machine=bench_common.machine(), results=results), f, indent=2, default=float)
 
 
 if __name__ == "__main__":
