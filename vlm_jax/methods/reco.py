@@ -275,19 +275,28 @@ def _normalized(rows: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
 
 
-def _shard_top_k(queries, keys, values, exclude_rows, first_row, *, num_rows, k, dedup_threshold,
+def _shard_top_k(queries, keys, values, exclude_rows, first_row, *, num_rows, padded, k, dedup_threshold,
                  approximate, recall_target):
-    """Top-k of one block of memory rows: scores [B, k'], global ids [B, k'], values [B, k', D]."""
+    """Top-k of one block of memory rows: scores [B, k'], global ids [B, k'], values [B, k', D].
+
+    Masks are built only when needed (padding rows exist, a dedup threshold or exclusions are given):
+    each is a pass over the [B, rows] scores, which at 1M rows costs as much as the top-k itself.
+    """
     scores = jnp.matmul(queries.astype(keys.dtype), keys.T, preferred_element_type=jnp.float32)
     rows = keys.shape[0]
-    drop = jnp.broadcast_to((first_row + jnp.arange(rows))[None, :] >= num_rows, scores.shape)
+    drop = None
+    if padded:
+        drop = (first_row + jnp.arange(rows))[None, :] >= num_rows
     if dedup_threshold is not None:
-        drop = drop | (scores >= dedup_threshold)
-    scores = jnp.where(drop, -jnp.inf, scores)
-    # Rows outside this block map to an out-of-range column that mode="drop" ignores.
-    local = exclude_rows - first_row
-    local = jnp.where((exclude_rows >= 0) & (local >= 0) & (local < rows), local, rows)
-    scores = scores.at[jnp.arange(scores.shape[0])[:, None], local].set(-jnp.inf, mode="drop")
+        duplicate = scores >= dedup_threshold
+        drop = duplicate if drop is None else drop | duplicate
+    if drop is not None:
+        scores = jnp.where(drop, -jnp.inf, scores)
+    if exclude_rows is not None:
+        # Rows outside this block map to an out-of-range column that mode="drop" ignores.
+        local = exclude_rows - first_row
+        local = jnp.where((exclude_rows >= 0) & (local >= 0) & (local < rows), local, rows)
+        scores = scores.at[jnp.arange(scores.shape[0])[:, None], local].set(-jnp.inf, mode="drop")
     local_k = min(k, rows)
     if approximate:
         top_scores, columns = jax.lax.approx_max_k(scores, local_k, recall_target=recall_target)
@@ -322,21 +331,21 @@ def search_device_memory(
     """
     key_name, value_name = keys_and_values(modality, search)
     keys, values = memory.embeddings(key_name), memory.embeddings(value_name)
-    batch = queries.shape[0]
-    if exclude_rows is None:
-        exclude_rows = jnp.full((batch, 1), -1, jnp.int32)
-    exclude_rows = jnp.asarray(exclude_rows, jnp.int32)
-    if exclude_rows.ndim == 1:
-        exclude_rows = exclude_rows[:, None]
-    top_k = functools.partial(_shard_top_k, num_rows=memory.num_rows, k=k, dedup_threshold=dedup_threshold,
-                              approximate=memory.approximate, recall_target=memory.recall_target)
+    if exclude_rows is not None:
+        exclude_rows = jnp.asarray(exclude_rows, jnp.int32)
+        if exclude_rows.ndim == 1:
+            exclude_rows = exclude_rows[:, None]
+    top_k = functools.partial(_shard_top_k, num_rows=memory.num_rows, padded=keys.shape[0] > memory.num_rows,
+                              k=k, dedup_threshold=dedup_threshold, approximate=memory.approximate,
+                              recall_target=memory.recall_target)
     if memory.mesh is None:
         scores, ids, found = top_k(queries, keys, values, exclude_rows, 0)
     else:
         axes = memory.axes
         rows_per_shard = keys.shape[0] // math.prod(memory.mesh.shape[axis] for axis in axes)
 
-        def shard_search(queries, keys, values, exclude_rows):
+        def shard_search(queries, keys, values, *exclude):
+            exclude_rows = exclude[0] if exclude else None
             scores, ids, found = top_k(queries, keys, values, exclude_rows, jax.lax.axis_index(axes) * rows_per_shard)
             # Every shard's candidates side by side, then the global top-k of them on every device.
             scores, ids, found = jax.lax.all_gather((scores, ids, found), axes, axis=1, tiled=True)
@@ -346,11 +355,11 @@ def search_device_memory(
         scores, ids, found = jax.shard_map(
             shard_search,
             mesh=memory.mesh,
-            in_specs=(P(), P(axes, None), P(axes, None), P()),
+            in_specs=(P(), P(axes, None), P(axes, None)) + ((P(),) if exclude_rows is not None else ()),
             out_specs=(P(), P(), P()),
             # The merged top-k is computed from the all-gathered candidates, so it is replicated.
             check_vma=False,
-        )(queries, keys, values, exclude_rows)
+        )(queries, keys, values, *(() if exclude_rows is None else (exclude_rows,)))
     missing = k - scores.shape[1]
     if missing:
         scores = jnp.pad(scores, ((0, 0), (0, missing)), constant_values=-jnp.inf)
