@@ -1,4 +1,7 @@
-"""What every benchmark prints about the machine it ran on (imported by the scripts beside it)."""
+"""Helpers the benchmark scripts beside this file share: the machine description, exact top-k, recall.
+
+Importing it loads no numerical library, so a script can import it before it sets thread counts.
+"""
 
 import os
 import platform
@@ -15,3 +18,28 @@ def machine() -> str:
         pass
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{model}, {os.cpu_count()} logical cores, {memory_gb:.0f} GB RAM, {platform.system()} {platform.release()}"
+
+
+def exact_top_k(keys, queries, k: int, chunk: int = 100_000):
+    """int64 [Q, k] exact top-k rows of `keys` [N, D] by dot product with `queries` [Q, D], scoring
+    `chunk` rows at a time so that [Q, N] scores never sit in memory at once (keys may be memory-mapped)."""
+    import numpy as np
+
+    best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_ids = np.full((len(queries), k), -1, dtype=np.int64)
+    for start in range(0, len(keys), chunk):
+        scores = queries @ np.asarray(keys[start : start + chunk]).T
+        top = np.argpartition(-scores, min(k, scores.shape[1] - 1), axis=1)[:, :k]
+        merged_scores = np.concatenate([best_scores, np.take_along_axis(scores, top, axis=1)], axis=1)
+        merged_ids = np.concatenate([best_ids, top + start], axis=1)
+        order = np.argsort(-merged_scores, axis=1)[:, :k]
+        best_scores = np.take_along_axis(merged_scores, order, axis=1)
+        best_ids = np.take_along_axis(merged_ids, order, axis=1)
+    return best_ids
+
+
+def recall_at_k(found_ids, true_ids) -> float:
+    """Fraction of the true top-k ids [Q, k] found among the first k of `found_ids` [Q, >= k]."""
+    k = true_ids.shape[1]
+    hits = sum(len(set(found[:k].tolist()) & set(true.tolist())) for found, true in zip(found_ids, true_ids))
+    return hits / true_ids.size

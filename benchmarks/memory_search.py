@@ -53,6 +53,8 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+import bench_common  # noqa: E402
+
 from vlm_jax.memory import index as index_lib  # noqa: E402
 
 
@@ -70,27 +72,6 @@ def make_vectors(num_rows, num_queries, dim, num_centres, noise, seed, chunk=100
         block /= np.linalg.norm(block, axis=1, keepdims=True)
         vectors[start:stop] = block
     return vectors[:num_rows], vectors[num_rows:]
-
-
-def exact_top_k(keys, queries, k, chunk=100_000):
-    """int64 [Q, k] exact top-k by dot product, scoring `chunk` memory rows at a time."""
-    best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    best_ids = np.full((len(queries), k), -1, dtype=np.int64)
-    for start in range(0, len(keys), chunk):
-        scores = queries @ keys[start : start + chunk].T
-        top = np.argpartition(-scores, min(k, scores.shape[1] - 1), axis=1)[:, :k]
-        merged_scores = np.concatenate([best_scores, np.take_along_axis(scores, top, axis=1)], axis=1)
-        merged_ids = np.concatenate([best_ids, top + start], axis=1)
-        order = np.argsort(-merged_scores, axis=1)[:, :k]
-        best_scores = np.take_along_axis(merged_scores, order, axis=1)
-        best_ids = np.take_along_axis(merged_ids, order, axis=1)
-    return best_ids
-
-
-def recall_at_k(found_ids, true_ids):
-    k = true_ids.shape[1]
-    hits = sum(len(set(found[:k]) & set(true)) for found, true in zip(found_ids, true_ids))
-    return hits / true_ids.size
 
 
 def timed_search(search, queries, repeats=2):
@@ -115,7 +96,7 @@ class Report:
             "family": family,
             "method": method,
             "setting": setting,
-            "recall@10": recall_at_k(ids, self.true_ids),
+            "recall@10": bench_common.recall_at_k(ids, self.true_ids),
             "qps": qps,
             "build_s": build_s,
         }
@@ -230,7 +211,7 @@ def main():
     )
     start = time.perf_counter()
     keys, queries = make_vectors(ARGS.n, ARGS.queries, ARGS.dim, num_centres, ARGS.noise, ARGS.seed)
-    true_ids = exact_top_k(keys, queries, ARGS.k)
+    true_ids = bench_common.exact_top_k(keys, queries, ARGS.k)
     print(f"data + ground truth: {time.perf_counter() - start:.1f} s", flush=True)
     report = Report(true_ids)
     if "scann" not in skip:

@@ -151,26 +151,6 @@ def draw_queries(centres: np.ndarray, count: int, noise: float, seed: int) -> np
     return unit_rows(owners + noise * rng.standard_normal(owners.shape, dtype=np.float32)).astype(np.float32)
 
 
-def exact_top_k(keys: np.ndarray, queries: np.ndarray, k: int, chunk: int = 100_000) -> np.ndarray:
-    """int64 [Q, k] exact top-k rows by dot product, `chunk` memory rows at a time."""
-    best_scores = np.full((len(queries), k), -np.inf, np.float32)
-    best_ids = np.full((len(queries), k), -1, np.int64)
-    for start in range(0, len(keys), chunk):
-        scores = queries @ np.asarray(keys[start : start + chunk]).T
-        top = np.argpartition(-scores, k, axis=1)[:, :k]
-        merged_scores = np.concatenate([best_scores, np.take_along_axis(scores, top, axis=1)], axis=1)
-        merged_ids = np.concatenate([best_ids, top + start], axis=1)
-        order = np.argsort(-merged_scores, axis=1)[:, :k]
-        best_scores = np.take_along_axis(merged_scores, order, axis=1)
-        best_ids = np.take_along_axis(merged_ids, order, axis=1)
-    return best_ids
-
-
-def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray) -> float:
-    hits = sum(len(set(found.tolist()) & set(true.tolist())) for found, true in zip(found_ids, true_ids))
-    return hits / true_ids.size
-
-
 # --------------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------------
@@ -332,15 +312,15 @@ def run_scann(bench, clip, reco_config, image_memory, text_memory, centres, batc
 
     queries = draw_queries(centres, ARGS.recall_queries, ARGS.noise, ARGS.seed + 1)
     start = time.perf_counter()
-    true_ids = exact_top_k(image_memory, queries, ARGS.k)
-    batch_true_ids = exact_top_k(image_memory, batch_queries, ARGS.k)
+    true_ids = bench_common.exact_top_k(image_memory, queries, ARGS.k)
+    batch_true_ids = bench_common.exact_top_k(image_memory, batch_queries, ARGS.k)
     log(f"scann: exact ground truth for {len(queries)} + {len(batch_queries)} queries in "
         f"{time.perf_counter() - start:.1f} s")
     sweep, chosen = [], None
     for leaves in scann_leaf_candidates(index.config.num_leaves):
         view = index.with_search_config(leaves_to_search=leaves)
         _, ids = view.search(queries, ARGS.k)
-        recall = recall_at_k(ids, true_ids)
+        recall = bench_common.recall_at_k(ids, true_ids)
         batch_s = median_of(lambda: view.search(queries[: ARGS.batch], ARGS.k), 5)
         sweep.append(dict(leaves_to_search=leaves, recall=recall, batch_search_s=batch_s))
         log(f"  leaves_to_search {leaves}/{index.config.num_leaves}: recall@{ARGS.k} {recall:.4f}, "
@@ -354,7 +334,7 @@ def run_scann(bench, clip, reco_config, image_memory, text_memory, centres, batc
     # The lookup reads `indexes` at call time, so the tuned view replaces the built default.
     host_memory.indexes["image"] = chosen
     _, batch_ids = chosen.search(batch_queries, ARGS.k)
-    batch_recall = recall_at_k(batch_ids, batch_true_ids)
+    batch_recall = bench_common.recall_at_k(batch_ids, batch_true_ids)
     model = reco_lib.RECO(clip, reco_config, rngs=nnx.Rngs(1)).attach_memory(host_memory)
     result = bench.compare("scann", model, dict(
         backend="scann", build_s=build_s, num_leaves=chosen.config.num_leaves,
