@@ -113,3 +113,50 @@ def test_mean_fusion_is_the_normalized_mean_of_valid_items():
 def test_config_rejects_width_not_divisible_by_heads():
     with pytest.raises(ValueError, match="divisible"):
         FusionConfig(embed_dim=16, width=30, heads=4)
+
+
+def _numpy_fusion(fusion, query, retrieved, valid):
+    """The module docstring's equations in float64 numpy, every layer over every token."""
+    from math import erf
+
+    params = {"/".join(map(str, path)): np.asarray(value[...], np.float64)
+              for path, value in nnx.to_flat_state(nnx.state(fusion, nnx.Param))}
+
+    def norm(x, name):
+        x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+        return x * params[f"{name}/scale"] + params[f"{name}/bias"]
+
+    def dense(x, name, contract=1):
+        kernel = params[f"{name}/kernel"]
+        return np.tensordot(x, kernel, axes=contract) + params[f"{name}/bias"]
+
+    gelu = np.vectorize(lambda v: 0.5 * v * (1.0 + erf(v / np.sqrt(2.0))))
+    query, retrieved = np.asarray(query, np.float64), np.asarray(retrieved, np.float64)
+    tokens = dense(np.concatenate([query[:, None], retrieved], 1), "in_proj")
+    types = params["type_embedding"]
+    tokens = tokens + np.concatenate([types[:1], np.repeat(types[1:], retrieved.shape[1], 0)])[None]
+    key_mask = np.concatenate([np.ones((len(query), 1), bool), valid], 1)
+    hidden = tokens
+    for layer in range(fusion.config.depth):
+        name = f"layers/{layer}"
+        x = norm(hidden, f"{name}/layer_norm1")
+        q, k, v = (dense(x, f"{name}/self_attn/{p}_proj") for p in "qkv")  # [B, T, heads, kv]
+        logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+        logits = np.where(key_mask[:, None, None, :], logits, -np.inf)
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        attended = np.einsum("bhqk,bkhd->bqhd", weights, v)
+        hidden = hidden + dense(attended, f"{name}/self_attn/out_proj", contract=2)
+        x = norm(hidden, f"{name}/layer_norm2")
+        hidden = hidden + dense(gelu(dense(x, f"{name}/mlp/fc1")), f"{name}/mlp/fc2")
+    return query + dense(norm(hidden[:, 0], "final_norm"), "out_proj")
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_matches_a_numpy_encoder_over_every_token(depth):
+    # The last layer computes the query row only; the reference computes every row and reads row 0.
+    fusion = make_fusion(depth=depth, act="gelu")
+    query, retrieved = inputs(3)
+    valid = np.array([[True, False, True, True, False], [True] * K, [False] * K])
+    np.testing.assert_allclose(np.asarray(fusion(query, retrieved, jnp.asarray(valid))),
+                               _numpy_fusion(fusion, query, retrieved, valid), rtol=1e-5, atol=1e-5)
