@@ -303,9 +303,10 @@ def scann_leaf_candidates(num_leaves: int) -> list[int]:
 
 def run_scann(bench, clip, reco_config, image_memory, text_memory, centres, batch_queries):
     start = time.perf_counter()
-    host_memory = reco_lib.HostMemory(image_memory, text_memory, {"backend": "scann"})
+    # Image queries only: the image index alone is built (the text side never runs here).
+    host_memory = reco_lib.HostMemory(image_memory, text_memory, {"backend": "scann"}).build(["image"])
     build_s = time.perf_counter() - start
-    index = host_memory.indexes["image"]
+    index = host_memory.index("image")
     log(f"scann: HostMemory built in {build_s:.1f} s (indexes for {sorted(host_memory.indexes)}; "
         f"{index.config.num_leaves} leaves, default leaves_to_search {index.config.leaves_to_search}, "
         f"reorder {index.config.reorder_k}, SOAR lambda {index.config.soar_lambda}), peak RSS {peak_rss_gb():.1f} GB")

@@ -150,6 +150,20 @@ def test_scann_host_search_inside_jit_matches_device_search():
         queries, reco.place_memory(images, texts), modality="text", search="unimodal", k=5, exclude_rows=exclude)
     np.testing.assert_array_equal(np.asarray(host_ids), np.asarray(device_ids))
     np.testing.assert_allclose(np.asarray(host_values), np.asarray(device_values), atol=1e-6)
+    # Text queries search memory texts: only that index was built; the image one waits for its first use.
+    assert sorted(host.indexes) == ["text"]
+    assert sorted(host.build().indexes) == ["image", "text"]
+
+
+def test_memory_rows_are_normalized_without_copying_unit_float32_rows():
+    images, _ = random_memory(rows=10, seed=2)
+    unit = (images / np.linalg.norm(images, axis=1, keepdims=True)).astype(np.float32)
+    assert reco._normalized(unit) is unit
+    scaled = 3.0 * unit
+    normalized = reco._normalized(scaled)
+    np.testing.assert_allclose(normalized, unit, rtol=1e-6)
+    np.testing.assert_allclose(scaled, 3.0 * unit)  # the input is left as it was
+    assert reco._normalized(unit.astype(np.float16)).dtype == np.float32
 
 
 # --------------------------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -259,9 +260,9 @@ def place_memory(
     padded_rows = -(-num_rows // shards) * shards
 
     def put(rows: np.ndarray) -> jax.Array:
-        padded = np.zeros((padded_rows, rows.shape[1]), np.float32)
-        padded[:num_rows] = rows
-        padded = jnp.asarray(padded, dtype=dtype)
+        if padded_rows != num_rows:
+            rows = np.concatenate([rows, np.zeros((padded_rows - num_rows, rows.shape[1]), rows.dtype)])
+        padded = jnp.asarray(rows, dtype=dtype)
         if mesh is None:
             return padded
         return jax.device_put(padded, NamedSharding(mesh, P(axes, None)))
@@ -270,9 +271,24 @@ def place_memory(
                         approximate=backend == "approx", recall_target=recall_target)
 
 
-def _normalized(rows: np.ndarray) -> np.ndarray:
-    rows = np.asarray(rows, np.float32)
-    return rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
+_NORMALIZE_CHUNK = 1 << 16  # rows per step: temporaries stay at chunk size, not memory size
+
+
+def _normalized(rows: np.ndarray, tolerance: float = 1e-4) -> np.ndarray:
+    """float32 L2-normalized rows; the input itself (no copy) when it already is float32 unit rows,
+    as the memory builder writes them. Chunked, so a 1M x 512 memory needs no extra full-size copy."""
+    rows = np.asarray(rows)
+    if rows.ndim != 2:
+        return rows.astype(np.float32) / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
+    chunks = range(0, rows.shape[0], _NORMALIZE_CHUNK)
+    norms = np.concatenate([np.linalg.norm(rows[i:i + _NORMALIZE_CHUNK].astype(np.float32), axis=-1)
+                            for i in chunks]) if rows.shape[0] else np.zeros((0,), np.float32)
+    if rows.dtype == np.float32 and np.all(np.abs(norms - 1.0) <= tolerance):
+        return rows
+    out = np.empty(rows.shape, np.float32)
+    for i in chunks:
+        out[i:i + _NORMALIZE_CHUNK] = rows[i:i + _NORMALIZE_CHUNK] / np.maximum(norms[i:i + _NORMALIZE_CHUNK, None], 1e-12)
+    return out
 
 
 def _shard_top_k(queries, keys, values, exclude_rows, first_row, *, num_rows, padded, k, dedup_threshold,
@@ -374,7 +390,10 @@ def search_device_memory(
 class HostMemory:
     """The memory searched on the host (ScaNN) from inside jit through `jax.pure_callback`.
 
-    Holds one index per key modality and the numpy embeddings (values are gathered on the host).
+    Holds the numpy embeddings (values are gathered on the host) and one index per key modality,
+    each built on its first search (`index(modality)`; `build()` builds them all up front), so a
+    job that only encodes images never builds or holds the text index. Rows that are already
+    float32 unit vectors (the memory builder's) are used in place, not copied.
     Held by `RECO` as a static attribute: it is hashed by identity, so a new HostMemory recompiles.
     """
 
@@ -387,19 +406,35 @@ class HostMemory:
             raise ValueError(f"HostMemory searches with {HOST_BACKENDS}, got backend {config.backend!r}; use "
                              "place_memory for the device backends.")
         self.embeddings = {"image": _normalized(image_embeddings), "text": _normalized(text_embeddings)}
-        key_modalities = {keys_and_values(m, search)[0] for m in MODALITIES}
-        self.indexes = {m: build_index(config, self.embeddings[m]) for m in key_modalities}
+        # Keys are unit rows now: the index need not normalize (and copy) them again.
+        self.config = dataclasses.replace(config, normalize=False)
+        self._build_index = build_index
+        self.indexes: dict[str, Any] = {}  # key modality -> built index (a tuned view may replace one)
+        self._lock = threading.Lock()
         self.search = search
         self.dim = self.embeddings["image"].shape[1]
+
+    def index(self, key_modality: str):
+        """The index over the memory's `key_modality` embeddings, built on first use."""
+        with self._lock:
+            if key_modality not in self.indexes:
+                self.indexes[key_modality] = self._build_index(self.config, self.embeddings[key_modality])
+            return self.indexes[key_modality]
+
+    def build(self, modalities: Sequence[str] = MODALITIES) -> "HostMemory":
+        """Builds the indexes the queries of `modalities` search (e.g. before timing a search)."""
+        for modality in modalities:
+            self.index(keys_and_values(modality, self.search)[0])
+        return self
 
     def lookup(self, queries: np.ndarray, exclude_rows: np.ndarray, *, modality: str, k: int,
                dedup_threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
         """Host search: queries float [B, D], exclude_rows int [B, E] -> ids int32 [B, k], values [B, k, D]."""
         key_name, value_name = keys_and_values(modality, self.search)
-        index = self.indexes[key_name]
+        index = self.index(key_name)
         if dedup_threshold != index.config.dedup_threshold:
             index = index.with_search_config(dedup_threshold=dedup_threshold)
-        _, ids = index.search(np.asarray(queries, np.float32), k, exclude_ids=np.asarray(exclude_rows))
+        _, ids = index.search(_normalized(queries), k, exclude_ids=np.asarray(exclude_rows))
         values = np.where((ids >= 0)[..., None], self.embeddings[value_name][np.maximum(ids, 0)], 0.0)
         return ids.astype(np.int32), values.astype(np.float32)
 
