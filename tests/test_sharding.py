@@ -229,3 +229,49 @@ def _check_clip_models_shard_with_the_default_rules():
 @pytest.mark.slow
 def test_clip_and_siglip_models_shard_with_the_default_rules_on_8_devices():
     _run_in_8_device_process("_check_clip_models_shard_with_the_default_rules")
+
+
+def _check_pretrained_model_is_placed_from_the_host_without_jit_constants():
+    import tempfile
+
+    from vlm_jax.models.clip import CLIP, tiny
+    from vlm_jax.weights import load_model, save_pretrained
+
+    mesh = sharding.make_mesh((("data", 2), ("fsdp", 2), ("tensor", 2)))
+    with tempfile.TemporaryDirectory() as directory:
+        save_pretrained(CLIP(tiny(), rngs=nnx.Rngs(3)), directory)
+        reference = load_model(directory)
+        lowered = []
+        real_jit = jax.jit
+
+        def spying_jit(fun, *args, **kwargs):
+            lowered.append(getattr(fun, "__name__", ""))
+            return real_jit(fun, *args, **kwargs)
+
+        jax.jit = spying_jit
+        try:
+            model = sharding.create_sharded_model(lambda: load_model(directory), mesh, host_init=True)
+        finally:
+            jax.jit = real_jit
+    assert "init" not in lowered, lowered  # no jitted init: the weights never become program constants
+    flat = dict(jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0])
+    specs = {sharding.path_to_name(path): leaf.sharding.spec for path, leaf in flat.items()}
+    assert specs["vision_model/encoder/layers/0/mlp/fc1/kernel"] == P("fsdp", "tensor"), specs
+    for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(reference, nnx.Param))[0]:
+        placed = flat[path]
+        assert len(placed.addressable_shards) == 8
+        np.testing.assert_array_equal(np.asarray(placed), np.asarray(leaf))
+
+
+@pytest.mark.slow
+def test_pretrained_model_is_placed_from_the_host_on_8_devices():
+    _run_in_8_device_process("_check_pretrained_model_is_placed_from_the_host_without_jit_constants")
+
+
+def test_trainer_places_from_the_host_exactly_when_the_method_reads_weights():
+    from vlm_jax.methods.clip import ClipMethod
+    from vlm_jax.methods.reco import RecoMethod
+
+    assert ClipMethod().reads_weights({"init_from": "/ckpt/clip"})
+    assert not ClipMethod().reads_weights({"init_from": ""})
+    assert RecoMethod().reads_weights({})

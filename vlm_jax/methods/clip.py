@@ -425,6 +425,9 @@ class ClipMethod:
 
     # -- the Method protocol --------------------------------------------------------------------
 
+    def reads_weights(self, config) -> bool:
+        return bool(config.get("init_from"))
+
     def create_model(self, config, rngs):
         if config.get("init_from"):
             from vlm_jax.weights import load_model  # noqa: PLC0415

@@ -844,6 +844,11 @@ class RecoMethod:
         return RecoConfig.from_config(config.reco, embed_dim=clip_config.embed_dim,
                                       dtype=config.get("dtype", "float32"), param_dtype=clip_config.param_dtype)
 
+    def reads_weights(self, config) -> bool:
+        """Always: the frozen CLIP comes from `clip_dir` (placed from the host, not jit constants)."""
+        del config
+        return True
+
     def create_model(self, config, rngs: nnx.Rngs) -> RECO:
         """The frozen pretrained CLIP plus fresh fusions and temperature; no memory attached."""
         pretrained = self.pretrained(config)

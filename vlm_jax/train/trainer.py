@@ -82,6 +82,11 @@ class Method(Protocol):
     def create_model(self, config, rngs: nnx.Rngs) -> nnx.Module:
         """The whole model tree, frozen parts included; freezing is config.optim.trainable's job."""
 
+    def reads_weights(self, config) -> bool:
+        """Optional: True when create_model loads weights from disk, so the trainer builds the model on
+        the host and places it shard by shard (`sharding.create_sharded_model(host_init=True)`)
+        instead of in a jitted init that would embed the weights as constants. Absent: False."""
+
     def constants(self, config, mesh) -> Any:
         """Pytree of arrays passed unchanged to every train step (not trained, not saved), or None."""
 
@@ -324,9 +329,11 @@ def build_training(config, method: Method) -> Training:
     accumulation_steps = int(optim_section["accumulation_steps"])
     replicated = NamedSharding(mesh, PartitionSpec())
 
+    reads_weights = getattr(method, "reads_weights", None)
     model = sharding.create_sharded_model(
         lambda: method.create_model(config, nnx.Rngs(seed)), mesh, rules,
-        allow_unannotated=sharding_section["allow_unannotated"])
+        allow_unannotated=sharding_section["allow_unannotated"],
+        host_init=bool(reads_weights and reads_weights(config)))
     graphdef, params, frozen = split_trainable(model, optim_section["trainable"])
     del model
     tx, _ = optim.make_optimizer(optim_section, params)
