@@ -376,11 +376,11 @@ def create_sharded_model(
 ) -> nnx.Module:
     """Builds a model whose arrays are created directly in their sharded layout.
 
-    The model is first traced abstractly (no memory) and its shardings derived from the rules. Then:
-    - host_init=False (random init): one jitted call builds it with those `out_shardings`, so no
-      device ever holds a full copy.
+    Shardings come from the rules and the params' logical axes. Then:
+    - host_init=False (random init): the model is traced abstractly (no memory), then one jitted
+      call builds it with those `out_shardings`, so no device ever holds a full copy.
     - host_init=True (a model that reads weights from disk, e.g. a pretrained CLIP): `make_model`
-      runs eagerly on the host CPU and each array is placed shard by shard
+      runs once, eagerly on the host CPU, and each array is placed shard by shard
       (`jax.make_array_from_callback`, so each process supplies only its addressable shards). Inside
       jit, weights read from disk would be closed-over constants, embedded in the program: 256 MB
       of weights make a 0.5 GB HLO module and seconds of compile, and a ViT-L would not compile.
@@ -391,15 +391,17 @@ def create_sharded_model(
       mesh, rules, allow_unannotated: see `state_partition_specs`.
       host_init: build on the host and place the arrays (see above).
     """
+    if host_init:
+        # One build, on the host: an abstract pass first would read the checkpoint a second time.
+        with nnx.use_eager_sharding(False), jax.default_device(jax.local_devices(backend="cpu")[0]):
+            graphdef, state = nnx.split(make_model())
+        shardings = state_shardings(state, mesh, rules, allow_unannotated=allow_unannotated)
+        return nnx.merge(graphdef, jax.tree.map(_place_from_host, state, shardings))
+
     with nnx.use_eager_sharding(False):
         abstract_model = nnx.eval_shape(make_model)
     graphdef, abstract = nnx.split(abstract_model)
     shardings = state_shardings(abstract, mesh, rules, allow_unannotated=allow_unannotated)
-
-    if host_init:
-        with nnx.use_eager_sharding(False), jax.default_device(jax.local_devices(backend="cpu")[0]):
-            state = nnx.state(make_model())
-        return nnx.merge(graphdef, jax.tree.map(_place_from_host, state, shardings))
 
     def init():
         with nnx.use_eager_sharding(False):
