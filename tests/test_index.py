@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from vlm_jax.memory import index as index_lib
+from vlm_jax.memory.store import unit_rows
 
 BACKENDS = ("exact", "approx", "scann")
 
@@ -19,11 +20,11 @@ def clustered_unit_vectors(num_rows, dim, *, num_centres, noise, seed):
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((num_centres, dim)).astype(np.float32)
     vectors = centres[rng.integers(num_centres, size=num_rows)] + noise * rng.standard_normal((num_rows, dim))
-    return index_lib.l2_normalize(vectors.astype(np.float32))
+    return unit_rows(vectors.astype(np.float32))
 
 
 def numpy_top_k(queries, keys, k, exclude_ids=None):
-    scores = index_lib.l2_normalize(queries) @ index_lib.l2_normalize(keys).T
+    scores = unit_rows(queries) @ unit_rows(keys).T
     if exclude_ids is not None:
         for row, excluded in enumerate(np.asarray(exclude_ids).reshape(len(queries), -1)):
             scores[row, excluded[excluded >= 0]] = -np.inf
@@ -88,7 +89,7 @@ def test_exact_on_eight_devices_matches_numpy_top_k_with_padding_and_exclusion()
     exclude = rng.integers(0, 1003, size=(37, 3))
     expected = numpy_top_k(queries, keys, 10)
     expected_scores = np.take_along_axis(
-        index_lib.l2_normalize(queries) @ index_lib.l2_normalize(keys).T, expected, axis=1
+        unit_rows(queries) @ unit_rows(keys).T, expected, axis=1
     )
     expected_excluded = numpy_top_k(queries, keys, 10, exclude_ids=exclude)
     for name in ("default", "explicit_4x2", "auto_4x2"):
@@ -190,7 +191,7 @@ def test_dedup_threshold_drops_near_duplicates_and_still_returns_k(backend):
     base = clustered_unit_vectors(3000, 32, num_centres=30, noise=0.8, seed=6)
     query = base[0]
     # 40 near-copies of the query: more than dedup_margin, so ScaNN has to search again for the rest.
-    copies = index_lib.l2_normalize(query + 1e-3 * rng.standard_normal((40, 32)).astype(np.float32))
+    copies = unit_rows(query + 1e-3 * rng.standard_normal((40, 32)).astype(np.float32))
     keys = np.concatenate([base, copies])
     config = {"backend": backend, "dedup_threshold": 0.999, "dedup_margin": 4, "num_threads": 1}
     index = index_lib.build_index(config, keys)
@@ -198,7 +199,7 @@ def test_dedup_threshold_drops_near_duplicates_and_still_returns_k(backend):
     assert ids.shape == (1, 10) and (ids >= 0).all()
     assert (scores < 0.999).all()
     assert not np.isin(ids, [0, *range(3000, 3040)]).any()
-    keep_scores = index_lib.l2_normalize(keys) @ query
+    keep_scores = unit_rows(keys) @ query
     keep_scores[keep_scores >= 0.999] = -np.inf
     expected = np.argsort(-keep_scores)[:10]
     assert recall(ids, expected[None]) >= 0.9

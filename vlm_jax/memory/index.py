@@ -5,9 +5,10 @@
     index.save(directory); index = load_index(directory)
 
 Backends (`IndexConfig.backend`):
-  "exact"   matmul + `jax.lax.top_k` on the accelerator. The memory is sharded along its row axis over
-            a mesh; each shard returns its own top-k, and the shards' candidates are merged into the
-            global top-k. Exact.
+  "exact"   matmul + `jax.lax.top_k` on the accelerator (`vlm_jax.memory.device.top_k`, the search
+            RECO runs inside jit). The memory is sharded along its row axis over a mesh (default: a
+            1-D Auto mesh over every device); each shard returns its own top-k, and the shards'
+            candidates are merged into the global top-k. Exact.
   "approx"  the same, with `jax.lax.approx_max_k` per shard (TPU's partial-reduction top-k) at
             `recall_target`.
   "scann"   ScaNN on the host: k-means tree + anisotropic quantization (AH) + exact reordering,
@@ -37,17 +38,18 @@ from __future__ import annotations
 import abc
 import copy
 import dataclasses
+import functools
 import json
 import math
 from typing import Any, ClassVar, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+
+from vlm_jax.memory import device
+from vlm_jax.memory.store import unit_rows
 
 _METADATA_FILE = "index.json"
 
@@ -187,7 +189,7 @@ class MemoryIndex(abc.ABC):
             raise ValueError(f"expected k >= 1, got {k}.")
         exclude_ids = self._exclusion_matrix(exclude_ids, len(queries))
         if self.config.normalize:
-            queries = l2_normalize(queries)
+            queries = unit_rows(queries)
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         ids = np.full((len(queries), k), -1, dtype=np.int64)
         step = self.config.batch_size
@@ -269,11 +271,11 @@ def build_index(
     `mesh` places the device backends (None: a 1-D mesh over all devices); ScaNN ignores it.
     """
     config = IndexConfig.from_any(config)
-    keys = np.asarray(keys, dtype=np.float32)
+    keys = np.asanyarray(keys)
     if keys.ndim != 2 or keys.shape[0] == 0:
         raise ValueError(f"expected keys of shape [N, D] with N >= 1, got {keys.shape}.")
-    if config.normalize:
-        keys = l2_normalize(keys)
+    # unit_rows converts and normalizes in one chunked pass, and hands float32 unit rows back uncopied.
+    keys = unit_rows(keys) if config.normalize else np.asarray(keys, dtype=np.float32)
     return get_index_class(config.backend).build(config, keys, mesh)
 
 
@@ -295,34 +297,19 @@ def load_index(directory: str | epath.PathLike, mesh: jax.sharding.Mesh | None =
     return get_index_class(metadata["backend"]).restore(path, config, metadata["num_rows"], metadata["dim"], mesh)
 
 
-def l2_normalize(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (zero rows stay zero); float32 [N, D] -> float32 [N, D]."""
-    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
 class _DeviceIndex(MemoryIndex):
-    """Brute-force scoring on the accelerator, memory rows sharded over mesh axes, per-shard top-k merged."""
+    """Brute-force scoring on the accelerator (`vlm_jax.memory.device.top_k`), rows sharded over mesh axes."""
 
     approximate: ClassVar[bool]
 
     def __init__(self, config: IndexConfig, keys: np.ndarray, mesh: jax.sharding.Mesh | None):
         super().__init__(config, num_rows=keys.shape[0], dim=keys.shape[1])
-        if mesh is None:
-            # Explicit axes: the memory's row sharding is set once by device_put and never re-derived.
-            mesh = jax.make_mesh((jax.device_count(),), ("memory",), axis_types=(jax.sharding.AxisType.Explicit,))
-        self.mesh = mesh
-        self.axes = tuple(config.mesh_axes or mesh.axis_names)
-        missing = sorted(set(self.axes) - set(mesh.axis_names))
-        if missing:
-            raise ValueError(f"mesh_axes {missing} are not axes of the mesh {mesh.axis_names}.")
-        self.num_shards = math.prod(mesh.shape[axis] for axis in self.axes)
-        self.rows_per_shard = -(-self.num_rows // self.num_shards)
-        # Padding rows are zeros whose scores the search overwrites with -inf, so they never win.
-        self.dtype = jnp.dtype(config.dtype)
-        padded = np.zeros((self.rows_per_shard * self.num_shards, self.dim), dtype=self.dtype)
-        padded[: self.num_rows] = keys
-        self.keys = jax.device_put(padded, NamedSharding(mesh, P(self.axes, None)))
+        self.mesh = mesh if mesh is not None else device.default_mesh()
+        self.axes = tuple(config.mesh_axes or self.mesh.axis_names)
+        # Keys arrive normalized when config.normalize; raw dot-product memories must stay raw.
+        self.keys = device.place_rows(keys, mesh=self.mesh, axes=self.axes, dtype=config.dtype, normalize=False)
+        self.num_shards = device.num_shards(self.mesh, self.axes)
+        self.rows_per_shard = self.keys.shape[0] // self.num_shards
         # Keyed by everything the compiled search closes over, so views from with_search_config share it.
         self._search_fns: dict[tuple[Any, ...], Any] = {}
 
@@ -349,60 +336,18 @@ class _DeviceIndex(MemoryIndex):
         padded_batch = min(self.config.batch_size, 1 << (batch - 1).bit_length())
         padded_queries = np.zeros((padded_batch, self.dim), dtype=np.float32)
         padded_queries[:batch] = queries
-        padded_exclude = np.full((padded_batch, max(1, exclude_ids.shape[1])), -1, dtype=np.int32)
-        padded_exclude[:batch, : exclude_ids.shape[1]] = exclude_ids
-        local_k = min(k, self.rows_per_shard)
-        merged_k = min(k, local_k * self.num_shards)
-        cache_key = (local_k, merged_k, self.config.dedup_threshold, self.config.recall_target)
+        padded_exclude = None
+        if exclude_ids.shape[1]:
+            padded_exclude = np.full((padded_batch, exclude_ids.shape[1]), -1, dtype=np.int32)
+            padded_exclude[:batch] = exclude_ids
+        cache_key = (k, self.config.dedup_threshold, self.config.recall_target)
         if cache_key not in self._search_fns:
-            self._search_fns[cache_key] = self._make_search_fn(local_k, merged_k)
-        scores, ids = self._search_fns[cache_key](
-            self.keys, padded_queries.astype(self.dtype), padded_exclude
-        )
+            self._search_fns[cache_key] = jax.jit(functools.partial(
+                device.top_k, k=k, num_rows=self.num_rows, mesh=self.mesh, axes=self.axes,
+                dedup_threshold=self.config.dedup_threshold, approximate=self.approximate,
+                recall_target=self.config.recall_target))
+        scores, ids = self._search_fns[cache_key](padded_queries, self.keys, exclude_rows=padded_exclude)
         return np.asarray(scores)[:batch], np.asarray(ids)[:batch].astype(np.int64)
-
-    def _make_search_fn(self, local_k: int, merged_k: int):
-        axes, rows_per_shard, num_rows = self.axes, self.rows_per_shard, self.num_rows
-        threshold, recall_target, approximate = self.config.dedup_threshold, self.config.recall_target, self.approximate
-
-        def shard_top_k(keys, queries, exclude_ids):
-            # keys [rows_per_shard, D] (this shard), queries [B, D], exclude_ids [B, E] global rows.
-            scores = jnp.matmul(queries, keys.T, preferred_element_type=jnp.float32)
-            first_row = jax.lax.axis_index(axes) * rows_per_shard
-            row_ids = first_row + jnp.arange(rows_per_shard)
-            drop = jnp.broadcast_to(row_ids[None, :] >= num_rows, scores.shape)
-            if threshold is not None:
-                drop = drop | (scores >= threshold)
-            scores = jnp.where(drop, -jnp.inf, scores)
-            # Ids outside this shard map to an out-of-range column that mode="drop" ignores; negative
-            # local columns would otherwise wrap around to the end of the shard.
-            local = exclude_ids - first_row
-            local = jnp.where((local >= 0) & (local < rows_per_shard), local, rows_per_shard)
-            scores = scores.at[jnp.arange(scores.shape[0])[:, None], local].set(-jnp.inf, mode="drop")
-            if approximate:
-                values, columns = jax.lax.approx_max_k(scores, local_k, recall_target=recall_target)
-            else:
-                values, columns = jax.lax.top_k(scores, local_k)
-            return values, columns + first_row
-
-        shard_candidates = jax.shard_map(
-            shard_top_k,
-            mesh=self.mesh,
-            in_specs=(P(axes, None), P(), P()),
-            out_specs=(P(None, axes), P(None, axes)),
-        )
-        replicated = NamedSharding(self.mesh, P())
-
-        @jax.jit
-        def search(keys, queries, exclude_ids):
-            # [B, num_shards * local_k] candidates, gathered whole so the merge top-k sees all shards.
-            values, ids = shard_candidates(keys, queries, exclude_ids)
-            values = jax.sharding.reshard(values, replicated)
-            ids = jax.sharding.reshard(ids, replicated)
-            values, order = jax.lax.top_k(values, merged_k)
-            return values, jnp.take_along_axis(ids, order, axis=1)
-
-        return search
 
 
 @register_index("exact")

@@ -63,6 +63,37 @@ def storage_dtype(name: str) -> np.dtype:
     return STORAGE_DTYPES[name]
 
 
+_UNIT_ROWS_CHUNK = 1 << 16  # rows per step: temporaries stay at chunk size, never memory size
+
+
+def unit_rows(rows: np.ndarray, dtype: Any = np.float32, *, chunk_rows: int = _UNIT_ROWS_CHUNK) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero): float [N, D] -> `dtype` [N, D].
+
+    Returns `rows` itself, uncopied (a memory map stays one), when it already has `dtype` and unit
+    rows, as the memory builder writes them; "unit" allows the rounding of that dtype (a bfloat16
+    unit row's norm is within 4e-3 of 1). Works `chunk_rows` rows at a time in float32, so no
+    temporary is larger than a chunk.
+    """
+    rows = np.asanyarray(rows)
+    dtype = np.dtype(dtype)
+    if rows.ndim != 2:
+        raise ValueError(f"expected rows of shape [N, D], got shape {rows.shape}.")
+    starts = range(0, rows.shape[0], chunk_rows)
+
+    def chunk(start: int) -> np.ndarray:
+        return rows[start : start + chunk_rows].astype(np.float32)
+
+    if rows.dtype == dtype:
+        tolerance = max(1e-4, 2 * float(ml_dtypes.finfo(dtype).eps))
+        if all(np.all(np.abs(np.linalg.norm(chunk(start), axis=-1) - 1.0) <= tolerance) for start in starts):
+            return rows
+    out = np.empty(rows.shape, dtype)
+    for start in starts:
+        values = chunk(start)
+        out[start : start + chunk_rows] = values / np.maximum(np.linalg.norm(values, axis=-1, keepdims=True), 1e-12)
+    return out
+
+
 def write_atomic(path: str, write: Callable[[Any], None], *, binary: bool = True) -> None:
     """Writes `path` through `write(file)` under a temporary name, flushes it to disk, then renames.
 
@@ -225,6 +256,13 @@ class Memory:
             return self._shard_array(0, field)[:0]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def rows(self, field: str) -> "Rows":
+        """`field` [N, ...] over every shard, read on demand (`Rows`): no shard is concatenated or
+        kept mapped, so placing a large memory on device holds it once."""
+        if field not in self.fields:
+            raise KeyError(f"The memory in {self.directory} stores {list(self.fields)}, not {field!r}.")
+        return Rows(self, field)
+
     image_embeddings = functools.cached_property(lambda self: self._field("image_embeddings"))
     text_embeddings = functools.cached_property(lambda self: self._field("text_embeddings"))
     ids = functools.cached_property(lambda self: self._field("ids"))
@@ -260,3 +298,45 @@ def load_memory(directory: str | os.PathLike, mmap: bool = True) -> Memory:
         )
     records = [load_json(record_path(directory, shard)) for shard in range(manifest["num_shards"])]
     return Memory(directory, manifest, load_json(complete), records, mmap)
+
+
+class Rows:
+    """A memory field's rows over all shards as an array-like [N, ...]: `rows[start:stop]` reads that
+    range from the shard files with plain reads (not through a memory map, whose pages would stay
+    resident in the process), `np.asarray(rows)` reads everything."""
+
+    def __init__(self, memory: Memory, field: str):
+        self.memory, self.field = memory, field
+        first = memory._shard_array(0, field)
+        self.dtype = first.dtype
+        self.shape = (memory.num_rows, *first.shape[1:])
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read_shard(self, shard: int, start: int, stop: int) -> np.ndarray:
+        mapped = np.load(array_path(self.memory.directory, shard, self.field), mmap_mode="r", allow_pickle=False)
+        row_items = int(np.prod(mapped.shape[1:], dtype=np.int64))
+        offset = mapped.offset + start * row_items * mapped.dtype.itemsize
+        values = np.fromfile(mapped.filename, dtype=mapped.dtype, count=(stop - start) * row_items, offset=offset)
+        return values.view(self.dtype).reshape(stop - start, *self.shape[1:])
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        if not isinstance(index, slice):
+            raise TypeError(f"Rows supports row slices rows[start:stop], got {index!r}.")
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise ValueError("Rows supports contiguous slices only.")
+        offsets, parts = self.memory.offsets, []
+        for shard in range(len(self.memory.records)):
+            begin, end = int(offsets[shard]), int(offsets[shard + 1])
+            if end > start and begin < stop:
+                parts.append(self._read_shard(shard, max(start - begin, 0), min(stop, end) - begin))
+        if not parts:
+            return np.zeros((0, *self.shape[1:]), self.dtype)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def __array__(self, dtype=None, copy=None):
+        values = self[0 : len(self)]
+        return values if dtype is None else values.astype(dtype)
