@@ -1,8 +1,11 @@
-"""grain pipelines: sharding, shuffling, augmentation, tokenization, bad input, state restore."""
+"""grain pipelines: sharding, shuffling, mixing, augmentation, tokenization, stored arrays, bad input, restore."""
 
 import io
+import pickle
 
+import grain
 import ml_collections
+import ml_dtypes
 import numpy as np
 import PIL.Image
 import pytest
@@ -290,3 +293,195 @@ def test_tfds_builders_run_through_the_config_driven_pipeline(dataset, label_cou
     assert ((0 <= batch["label"]) & (batch["label"] < label_count)).all()
     assert sum(len(b["index"]) for b in evaluated) == 12
     assert not any(any(b["bad_input"].values()) for b in evaluated)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weighted sources, batch maps, stored arrays.
+
+
+def embedding_source(count, dim=4, offset=0.0):
+    rows = np.arange(count, dtype=np.float32)[:, None] + offset
+    return pipeline.ArraySource({"embedding": rows + np.zeros((count, dim), np.float32),
+                                 "label": np.arange(count, dtype=np.int32) % 3})
+
+
+def mixture(parts, **kwargs):
+    defaults = dict(global_batch_size=8, seed=3, process_index=0, process_count=1)
+    return pipeline.train_mixture(parts, **{**defaults, **kwargs})
+
+
+def test_mixture_draws_from_sources_in_proportion_to_their_weights():
+    parts = [pipeline.WeightedSource(embedding_source(50), pipeline.ArrayDecoder(), weight=3.0),
+             pipeline.WeightedSource(embedding_source(30, offset=1000.0), pipeline.ArrayDecoder(), weight=1.0)]
+    batches = take(iter(mixture(parts, global_batch_size=40)), 10)
+    sources = np.concatenate([b["source"] for b in batches])
+    assert sources.dtype == np.int32 and abs(np.mean(sources == 0) - 0.75) < 0.02
+    for batch in batches:
+        from_second = batch["source"] == 1
+        # "index" is the row within the example's own source.
+        np.testing.assert_array_equal(batch["embedding"][:, 0], batch["index"] + 1000.0 * from_second)
+
+
+def test_each_source_of_a_mixture_uses_its_own_decoder():
+    source = make_source(24)
+    parts = [pipeline.WeightedSource(source, decoder(text_keys=("caption",))),
+             pipeline.WeightedSource(source, decoder(text_keys=("recaption",)))]
+    batch = next(iter(mixture(parts, global_batch_size=24)))
+    for source_position, text in zip(batch["source"], batch["text"]):
+        assert text.startswith("recaption" if source_position else "caption")
+
+
+def test_one_source_reads_in_the_documented_grain_order():
+    """One source is shuffled, sliced per host and repeated exactly as the grain recipe does."""
+    count, seed = 21, 11
+    for process_index in (0, 1):
+        ds = pipeline.train_dataset(make_source(count), decoder(), global_batch_size=4, seed=seed,
+                                    process_index=process_index, process_count=2)
+        indices = np.concatenate([b["index"] for b in take(iter(ds), 10)])
+        expected = grain.MapDataset.range(count).seed(seed).shuffle()[process_index : 20 : 2].repeat(None)
+        np.testing.assert_array_equal(indices, [expected[i] for i in range(len(indices))])
+        assert "source" not in next(iter(ds))
+
+
+def test_adding_a_source_leaves_the_first_sources_order_unchanged():
+    alone = np.concatenate([b["index"] for b in take(iter(mixture(
+        [pipeline.WeightedSource(embedding_source(40), pipeline.ArrayDecoder())])), 5)])
+    mixed = take(iter(mixture([pipeline.WeightedSource(embedding_source(40), pipeline.ArrayDecoder()),
+                               pipeline.WeightedSource(embedding_source(40), pipeline.ArrayDecoder())])), 10)
+    first = np.concatenate([b["index"][b["source"] == 0] for b in mixed])
+    second = np.concatenate([b["index"][b["source"] == 1] for b in mixed])
+    np.testing.assert_array_equal(first[: len(alone)], alone[: len(first)])
+    assert not np.array_equal(first[:20], second[:20]), "each source has its own shuffle"
+
+
+def test_source_weights_must_be_non_negative_and_a_zero_weight_leaves_a_source_out():
+    parts = [pipeline.WeightedSource(embedding_source(16), pipeline.ArrayDecoder()),
+             pipeline.WeightedSource(embedding_source(16), pipeline.ArrayDecoder(), weight=0.0)]
+    batch = next(iter(mixture(parts, global_batch_size=16)))
+    assert set(batch["source"].tolist()) == {0}
+    with pytest.raises(ValueError, match="non-negative"):
+        mixture([pipeline.WeightedSource(embedding_source(16), pipeline.ArrayDecoder(), weight=-1.0)])
+
+
+def test_processes_read_disjoint_equal_shares_of_every_mixed_source():
+    def epoch(process_index):
+        parts = [pipeline.WeightedSource(embedding_source(41), pipeline.ArrayDecoder(), weight=2.0),
+                 pipeline.WeightedSource(embedding_source(23), pipeline.ArrayDecoder())]
+        batches = list(mixture(parts, global_batch_size=4, process_index=process_index, process_count=2,
+                               num_epochs=1))
+        return [(int(s), int(i)) for b in batches for s, i in zip(b["source"], b["index"])]
+
+    host0, host1 = epoch(0), epoch(1)
+    assert len(host0) == len(host1) > 0
+    assert len(set(host0)) == len(host0) and not set(host0) & set(host1)
+
+
+def _add_norm(batch):
+    return {**batch, "norm": np.linalg.norm(batch["embedding"], axis=-1)}
+
+
+def _double_norm(batch):
+    batch["norm"] = 2 * batch["norm"]
+    return batch
+
+
+def test_batch_maps_run_in_order_after_batching_and_keep_the_skip_counts():
+    embeddings = np.ones((12, 4), np.float32)
+    embeddings[5] = np.nan
+    source = pipeline.ArraySource({"embedding": embeddings})
+    batches = list(pipeline.eval_dataset(source, pipeline.ArrayDecoder(), global_batch_size=4, process_index=0,
+                                         process_count=1, batch_maps=(_add_norm, _double_norm)))
+    assert all(b["norm"].shape == (len(b["index"]),) for b in batches)
+    np.testing.assert_allclose(np.concatenate([b["norm"] for b in batches]), 4.0)
+    assert sum(int(b["bad_input"]["nonfinite_embedding"]) for b in batches) == 1
+    with pytest.raises(TypeError, match="return the batch dict"):
+        next(iter(pipeline.eval_dataset(source, pipeline.ArrayDecoder(), global_batch_size=4, process_index=0,
+                                        process_count=1, batch_maps=(lambda batch: list(batch),))))
+
+
+def _stored_embeddings(tmp_path, count=60, dim=8):
+    embeddings = np.random.default_rng(0).normal(size=(count, dim)).astype(np.float32)
+    embeddings[4, 1] = np.nan
+    embeddings[17] = np.inf
+    embeddings[33, 7] = -np.inf
+    np.save(tmp_path / "embeddings.npy", embeddings)
+    return np.load(tmp_path / "embeddings.npy", mmap_mode="r"), {4, 17, 33}
+
+
+def test_non_finite_stored_embeddings_are_skipped_and_counted(tmp_path):
+    embeddings, bad_rows = _stored_embeddings(tmp_path)
+    source = pipeline.ArraySource({"image_embedding": embeddings})
+    counter = pipeline.BadInputCounter()
+    indices = []
+    for batch in pipeline.eval_dataset(source, pipeline.ArrayDecoder(), global_batch_size=8, process_index=0,
+                                       process_count=1):
+        assert set(batch["bad_input"]) == set(pipeline.ARRAY_BAD_INPUT_KINDS)
+        counter.update(batch)
+        assert np.isfinite(batch["image_embedding"]).all() and batch["image_embedding"].dtype == np.float32
+        indices.extend(batch["index"].tolist())
+    assert counter.totals["nonfinite_embedding"] == 3
+    assert counter.metrics()["data/skipped_nonfinite_embedding"] == 3
+    assert indices == sorted(set(range(60)) - bad_rows)
+    raising = pipeline.ArrayDecoder(on_bad_input="raise")
+    with pytest.raises(pipeline.BadInputError, match=r"nonfinite_embedding\) at source index 4.*'image_embedding'"):
+        list(pipeline.eval_dataset(source, raising, global_batch_size=8, process_index=0, process_count=1))
+
+
+def test_array_decoder_checks_only_the_fields_it_is_told_to():
+    embeddings = np.zeros((4, 2), np.float32)
+    embeddings[1] = np.nan
+    source = pipeline.ArraySource({"embedding": embeddings, "score": np.full((4,), np.nan, np.float32)})
+    batch = next(iter(pipeline.eval_dataset(source, pipeline.ArrayDecoder(keys=("score",), finite_keys=("embedding",)),
+                                            global_batch_size=4, process_index=0, process_count=1)))
+    assert sorted(batch) == ["bad_input", "index", "mask", "score"] and batch["index"].tolist() == [0, 2, 3]
+    with pytest.raises(ValueError, match=r"fields \['missing'\], which the source does not hold"):
+        next(iter(pipeline.eval_dataset(source, pipeline.ArrayDecoder(keys=("missing",)), global_batch_size=4,
+                                        process_index=0, process_count=1)))
+
+
+def test_array_source_reads_memmap_rows_lazily_and_pickles_it_by_file(tmp_path):
+    embeddings, _ = _stored_embeddings(tmp_path, count=20000)
+    source = pipeline.ArraySource({"embedding": embeddings})
+    pickled = pickle.dumps(source)
+    assert len(pickled) < 2000, "the pickle names the file instead of holding its rows"
+    restored = pickle.loads(pickled)
+    assert isinstance(restored.fields["embedding"], np.memmap)
+    np.testing.assert_array_equal(restored[123]["embedding"], embeddings[123])
+    with pytest.raises(TypeError, match="view of a memmap"):
+        pickle.dumps(pipeline.ArraySource({"embedding": embeddings[10:]}))
+
+
+def test_bfloat16_stored_rows_are_cast_to_float32():
+    source = pipeline.ArraySource({"embedding": np.ones((4, 3), ml_dtypes.bfloat16)})
+    batch = next(iter(pipeline.eval_dataset(source, pipeline.ArrayDecoder(), global_batch_size=4, process_index=0,
+                                            process_count=1)))
+    assert batch["embedding"].dtype == np.float32 and (batch["embedding"] == 1).all()
+
+
+def _mixture_restore_check(tmp_path, worker_count, take_first, take_more=5):
+    embeddings, _ = _stored_embeddings(tmp_path, count=40)
+
+    def new_iterator():
+        parts = [pipeline.WeightedSource(pipeline.ArraySource({"embedding": embeddings}), pipeline.ArrayDecoder(),
+                                         weight=2.0),
+                 pipeline.WeightedSource(embedding_source(17, dim=8), pipeline.ArrayDecoder(keys=("embedding",)))]
+        return iter(mixture(parts, global_batch_size=6, batch_maps=(_add_norm,), worker_count=worker_count))
+
+    iterator = new_iterator()
+    take(iterator, take_first)
+    state = iterator.get_state()
+    expected = take(iterator, take_more)
+    restored = new_iterator()
+    restored.set_state(state)
+    assert_batches_equal(take(restored, take_more), expected)
+    assert all("norm" in batch for batch in expected)
+    for it in (iterator, restored):
+        it.close()
+
+
+def test_restored_mixture_iterator_yields_the_identical_continuation(tmp_path):
+    _mixture_restore_check(tmp_path, worker_count=0, take_first=13)  # past both sources' first epoch
+
+
+def test_restored_mixture_iterator_yields_the_identical_continuation_with_worker_processes(tmp_path):
+    _mixture_restore_check(tmp_path, worker_count=2, take_first=4)

@@ -1,0 +1,207 @@
+"""Records to model examples: image decoding, the model's preprocessing, caption choice, tokenization.
+
+`ExampleDecoder` is the grain RandomMap the pipeline applies to each fetched record; an example it
+cannot use becomes a `BadInput` marker (or `BadInputError`), see `vlm_jax.data.bad_input`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import numpy as np
+import PIL.Image
+
+from vlm_jax.data import augment as augment_lib
+from vlm_jax.data.bad_input import BAD_INPUT_KINDS, BadInput, Fetched, check_on_bad_input, reject
+
+
+def decode_image(value: Any) -> np.ndarray:
+    """Decodes PNG/JPEG bytes, a PIL image or an array to uint8 [H, W, 3].
+
+    Raises:
+      ValueError: on bytes PIL cannot fully decode (corrupt or truncated) or a bad array shape.
+    """
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        value = value.item()
+    from vlm_jax.data.preprocess import to_rgb  # transparency handled as the model's processor does
+
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        with PIL.Image.open(io.BytesIO(bytes(value))) as image:
+            image.load()  # forces a full decode so truncated files fail here, not later
+            return np.asarray(to_rgb(image))
+    if isinstance(value, PIL.Image.Image):
+        return np.asarray(to_rgb(value))
+    array = np.asarray(value)
+    if array.dtype != np.uint8:
+        raise ValueError(f"Expected a uint8 image array, found dtype {array.dtype}.")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"Expected an image of shape [H, W, 1|3|4], found {array.shape}.")
+    if array.shape[-1] == 1:
+        return np.repeat(array, 3, axis=-1)
+    return array[:, :, :3]
+
+
+def _as_text(value: Any) -> str | None:
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    return value if isinstance(value, str) else None
+
+
+def _as_text_list(value: Any) -> list[str] | None:
+    """A str or a list/array of str as a list; None for anything else."""
+    single = _as_text(value)
+    if single is not None:
+        return [single]
+    if isinstance(value, (list, tuple, np.ndarray)):
+        texts = [_as_text(v) for v in value]
+        if all(t is not None for t in texts):
+            return texts
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleDecoder(grain.transforms.RandomMap):
+    """Turns one fetched source record into a model example (a grain RandomMap: its numpy Generator
+    is seeded from the pipeline seed and the example's position, so augmentation is reproducible).
+
+    `spec` is the model's `PreprocessSpec`. With `augment == "random_resized_crop"`, a crop with
+    area fraction in `crop_scale` and aspect ratio in `crop_ratio` is resized to the model size
+    (squashed, as in Inception/CLIP training) and normalized with the spec's mean/std; otherwise
+    the image goes through `preprocess_image(image, spec)` (the eval transform). `text_keys`
+    lists candidate caption fields; one is drawn per example with `text_weights` (uniform when
+    None), then one caption if the field holds a list. `texts_per_example=C` instead tokenizes
+    the first C captions of `text_keys[0]` (retrieval eval).
+    """
+
+    spec: Any = None
+    tokenizer: Any = None
+    image_key: str | None = "image"
+    text_keys: tuple[str, ...] = ()
+    text_weights: tuple[float, ...] | None = None
+    texts_per_example: int | None = None
+    label_key: str | None = None
+    id_key: str | None = "id"
+    passthrough_keys: tuple[str, ...] = ()
+    keep_text: bool = False
+    augment: str = "none"
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    with_mask: bool = False
+    on_bad_input: str = "skip"
+    bad_input_kinds = BAD_INPUT_KINDS  # the kinds it can report, counted in every batch
+
+    def __post_init__(self):
+        check_on_bad_input(self.on_bad_input)
+        if self.augment not in ("none", "random_resized_crop"):
+            raise ValueError(f"augment must be 'none' or 'random_resized_crop', found {self.augment!r}.")
+        if self.text_weights is not None and len(self.text_weights) != len(self.text_keys):
+            raise ValueError(
+                f"text_weights has {len(self.text_weights)} entries for {len(self.text_keys)} text_keys; give one each."
+            )
+        if self.text_keys and self.tokenizer is None and not self.keep_text:
+            raise ValueError("text_keys are set but there is no tokenizer; pass one or set keep_text=True.")
+
+    def for_eval(self) -> ExampleDecoder:
+        """This decoder as eval uses it: no augmentation, and a "mask" bool field."""
+        return dataclasses.replace(self, augment="none", with_mask=True)
+
+    def _bad(self, kind: str, fetched: Fetched, detail: str, record: Mapping[str, Any] | None = None) -> BadInput:
+        example_id = record.get(self.id_key) if record is not None and self.id_key else None
+        example_id = (_as_text(example_id) or str(example_id)) if example_id is not None else None
+        return reject(kind, fetched.index, detail, self.on_bad_input, example_id)
+
+    def _image(self, raw: Any, rng: np.random.Generator) -> np.ndarray:
+        from vlm_jax.data.preprocess import preprocess_image  # the model's preprocessing
+
+        pixels = decode_image(raw)
+        if self.augment == "random_resized_crop":
+            crop = augment_lib.random_resized_crop(pixels, rng, scale=self.crop_scale, ratio=self.crop_ratio)
+            squash = dataclasses.replace(self.spec, resize="squash", crop=False, resize_size=None)
+            return np.asarray(preprocess_image(crop, squash), np.float32)
+        return np.asarray(preprocess_image(pixels, self.spec), np.float32)
+
+    def random_map(self, element: Fetched, rng: np.random.Generator):
+        record = element.record
+        if isinstance(record, BadInput):
+            return reject(record.kind, record.index, record.detail, self.on_bad_input)
+        if not isinstance(record, Mapping):
+            return self._bad("unreadable_record", element, f"record is a {type(record).__name__}, not a dict")
+        example: dict[str, Any] = {"index": np.int64(element.index)}
+        if self.with_mask:
+            example["mask"] = np.bool_(element.real)
+        if self.image_key is not None:
+            raw = record.get(self.image_key)
+            if raw is None:
+                return self._bad("missing_field", element, f"no {self.image_key!r} field", record)
+            try:
+                example["image"] = self._image(raw, rng)
+            except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as error:
+                return self._bad("corrupt_image", element, f"{type(error).__name__}: {error}", record)
+        if self.text_keys:
+            if self.texts_per_example:
+                bad = self._all_texts(record, element, example)
+            else:
+                bad = self._one_text(record, element, example, rng)
+            if bad is not None:
+                return bad
+        if self.label_key is not None:
+            if record.get(self.label_key) is None:
+                return self._bad("missing_field", element, f"no {self.label_key!r} field", record)
+            example["label"] = np.int32(record[self.label_key])
+        if self.id_key is not None and record.get(self.id_key) is not None:
+            example["id"] = _as_text(record[self.id_key]) or str(record[self.id_key])
+        for key in self.passthrough_keys:
+            if key not in record:
+                return self._bad("missing_field", element, f"no {key!r} field", record)
+            example[key] = record[key]
+        return example
+
+    def _one_text(self, record, element, example, rng):
+        key_index = 0
+        if len(self.text_keys) > 1:
+            key_index = int(rng.choice(len(self.text_keys), p=self._probabilities()))
+        key = self.text_keys[key_index]
+        if record.get(key) is None:
+            return self._bad("missing_field", element, f"no {key!r} field", record)
+        texts = _as_text_list(record[key])
+        if texts is None:
+            return self._bad("missing_field", element, f"field {key!r} holds no text", record)
+        texts = [t.strip() for t in texts if t.strip()]
+        if not texts:
+            return self._bad("empty_text", element, f"field {key!r} is empty", record)
+        text = texts[int(rng.integers(len(texts)))] if len(texts) > 1 else texts[0]
+        if self.keep_text:
+            example["text"] = text
+        if self.tokenizer is not None:
+            example["text_ids"] = np.asarray(self.tokenizer([text])[0], np.int32)
+        return None
+
+    def _all_texts(self, record, element, example):
+        key = self.text_keys[0]
+        texts = _as_text_list(record.get(key))
+        if texts is None:
+            return self._bad("missing_field", element, f"no text field {key!r}", record)
+        texts = [t.strip() for t in texts if t.strip()][: self.texts_per_example]
+        if not texts:
+            return self._bad("empty_text", element, f"field {key!r} is empty", record)
+        count = self.texts_per_example
+        ids = np.zeros((count, self.tokenizer.context_length), np.int32)
+        ids[:, :] = self.tokenizer.pad_id
+        ids[: len(texts)] = self.tokenizer(texts)
+        example["text_ids"] = ids
+        example["text_mask"] = np.arange(count) < len(texts)
+        return None
+
+    def _probabilities(self) -> np.ndarray:
+        if self.text_weights is None:
+            return np.full(len(self.text_keys), 1.0 / len(self.text_keys))
+        weights = np.asarray(self.text_weights, np.float64)
+        return weights / weights.sum()
