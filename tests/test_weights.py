@@ -19,13 +19,13 @@ import safetensors.numpy
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from vlm_jax.models import CLIPConfig  # noqa: E402
 from vlm_jax.weights import (  # noqa: E402
     CheckpointMismatchError,
     load_model,
     load_pretrained,
     save_pretrained,
 )
+from vlm_jax.weights.hf_config import from_hf_config, to_hf_config  # noqa: E402
 
 TOLERANCE = 1e-4
 BATCH = 3
@@ -192,9 +192,9 @@ def test_saved_model_loads_in_transformers_and_matches(reference_dirs, tmp_path,
 
 def test_our_hf_config_builds_the_same_transformers_config(reference_dirs):
     for name, (directory, reference) in reference_dirs.items():
-        config = CLIPConfig.from_hf_config(json.loads((directory / "config.json").read_text()))
-        assert CLIPConfig.from_hf_config(config.to_hf_config()) == config
-        rebuilt = type(reference.config)(**config.to_hf_config())
+        config = from_hf_config(json.loads((directory / "config.json").read_text()))
+        assert from_hf_config(to_hf_config(config)) == config
+        rebuilt = type(reference.config)(**to_hf_config(config))
         for tower in ("text_config", "vision_config"):
             for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                         "hidden_act", "layer_norm_eps"):

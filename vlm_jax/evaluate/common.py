@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vlm_jax.models.layers import l2_normalize
+
 
 class Evaluator(Protocol):
     def run(self, model: nnx.Module) -> dict[str, float]: ...
@@ -43,10 +45,8 @@ def get_evaluator(name: str, **kwargs: Any) -> Evaluator:
 @functools.partial(jax.jit, static_argnames=("graphdef", "method"))
 def _encode_normalized(graphdef: nnx.GraphDef, state: nnx.State, inputs: jax.Array, method: str) -> jax.Array:
     model = nnx.merge(graphdef, state)
-    embeddings = getattr(model, method)(inputs).astype(jnp.float32)
-    norms = jnp.linalg.norm(embeddings, axis=-1, keepdims=True)
     # Padding rows may embed to zero; they are dropped, but must not produce NaNs on the way.
-    return embeddings / jnp.maximum(norms, 1e-12)
+    return l2_normalize(getattr(model, method)(inputs), eps=1e-12)
 
 
 class BatchedEncoder:

@@ -46,6 +46,7 @@ from jax.sharding import PartitionSpec as P
 from vlm_jax.data import pipeline
 from vlm_jax.memory import store
 from vlm_jax.memory.store import IncompleteMemoryError, Memory, load_memory
+from vlm_jax.models.layers import l2_normalize
 
 __all__ = ["IncompleteMemoryError", "Memory", "build_memory", "finalize", "load_memory", "memory_config",
            "model_fingerprint"]
@@ -177,9 +178,8 @@ class _RowRange:
 
 
 def _normalized(embeddings: jax.Array) -> jax.Array:
-    embeddings = embeddings.astype(jnp.float32)
     # Padding rows may embed to zero; they are dropped, but must not produce NaNs on the way.
-    return embeddings / jnp.maximum(jnp.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
+    return l2_normalize(embeddings, eps=1e-12)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

@@ -2,8 +2,8 @@
 
 One module per modality. The input is the sequence [query; retrieved_1 .. retrieved_k] of
 embeddings in the shared image-text space (D = the CLIP's embed_dim); a small pre-norm transformer
-encoder (``depth`` layers, default 1 as in the paper) runs over it, and the output at the query
-position, projected back to D, is the refined embedding:
+encoder (``depth`` shared ``layers.Block``s, default 1 as in the paper) runs over it, and the output
+at the query position, projected back to D, is the refined embedding:
 
     tokens  = in_proj([query; retrieved]) + type_embedding[query | retrieved]     [B, 1 + k, width]
     hidden  = encoder(tokens, key_mask = [True; valid & ~dropped])                [B, 1 + k, width]
@@ -43,13 +43,12 @@ Parameters carry logical axis names like the CLIP's: "embed" (fusion width), "ml
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlm_jax.models.layers import MLP, Attention, Dense, LayerNorm, partitioned_param
+from vlm_jax.models.layers import Block, Dense, LayerNorm, l2_normalize, partitioned_param
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,54 +102,6 @@ class FusionConfig:
         return max(1, round(self.mlp_ratio * self.fusion_width))
 
 
-def _dropout(inputs: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-    if rng is None or rate == 0.0:
-        return inputs
-    keep = jax.random.bernoulli(rng, 1.0 - rate, inputs.shape)
-    return jnp.where(keep, inputs / (1.0 - rate), 0.0).astype(inputs.dtype)
-
-
-class MaskedAttention(Attention):
-    """The CLIP's multi-head attention (same parameters and names) with a key padding mask."""
-
-    def __call__(self, hidden: jax.Array, key_mask: jax.Array, num_queries: int | None = None) -> jax.Array:
-        """hidden [B, T, width], key_mask bool [B, T] (False: never attended to) -> [B, Q, width].
-
-        num_queries: only the first Q positions attend (to all T keys); None: Q = T.
-        """
-        q = self.q_proj(hidden if num_queries is None else hidden[:, :num_queries])
-        k = self.k_proj(hidden)
-        v = self.v_proj(hidden)
-        mask = key_mask[:, None, None, :]  # [B, heads, queries, keys]
-        attended = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(self.head_dim))
-        return self.out_proj(attended)
-
-
-class FusionLayer(nnx.Module):
-    """Pre-norm encoder block over [query; retrieved] with a key mask and residual dropout."""
-
-    def __init__(self, config: FusionConfig, *, rngs: nnx.Rngs):
-        kw = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
-        width = config.fusion_width
-        self.dropout = config.dropout
-        self.layer_norm1 = LayerNorm(width, eps=config.layer_norm_eps, **kw)
-        self.self_attn = MaskedAttention(width, config.heads, **kw)
-        self.layer_norm2 = LayerNorm(width, eps=config.layer_norm_eps, **kw)
-        self.mlp = MLP(width, config.mlp_dim, config.act, **kw)
-
-    def __call__(
-        self, hidden: jax.Array, key_mask: jax.Array, rng: jax.Array | None, *, query_only: bool = False
-    ) -> jax.Array:
-        """hidden [B, T, width], key_mask bool [B, T] -> [B, T, width], or [B, 1, width] with
-        query_only: the output at position 0 only, the same values without the other T - 1 rows of
-        the query projection, attention output, residuals and MLP (what the last layer needs)."""
-        attn_rng, mlp_rng = jax.random.split(rng) if rng is not None else (None, None)
-        num_queries = 1 if query_only else None
-        attended = self.self_attn(self.layer_norm1(hidden), key_mask, num_queries)
-        hidden = hidden[:, : attended.shape[1]] + _dropout(attended, self.dropout, attn_rng)
-        return hidden + _dropout(self.mlp(self.layer_norm2(hidden)), self.dropout, mlp_rng)
-
-
 class Fusion(nnx.Module):
     """Transformer fusion of one modality (see the module docstring)."""
 
@@ -164,7 +115,10 @@ class Fusion(nnx.Module):
         # Row 0 marks the query token, row 1 every retrieved token.
         self.type_embedding = partitioned_param(
             rngs, nnx.initializers.normal(0.02), (2, width), (None, "embed"), param_dtype)
-        self.layers = nnx.List([FusionLayer(config, rngs=rngs) for _ in range(config.depth)])
+        self.layers = nnx.List([
+            Block(width, config.heads, config.mlp_dim, config.act, eps=config.layer_norm_eps,
+                  dropout=config.dropout, **kw)
+            for _ in range(config.depth)])
         self.final_norm = LayerNorm(width, eps=config.layer_norm_eps, **kw)
         output_init = nnx.initializers.zeros if config.zero_init_output else None
         self.out_proj = Dense(width, embed_dim, ("embed", "proj"), kernel_init=output_init, **kw)
@@ -207,7 +161,8 @@ class Fusion(nnx.Module):
         for index, layer in enumerate(self.layers):
             layer_rng, rng = jax.random.split(rng) if rng is not None else (None, None)
             # Only the query position is read out: the last layer computes that row alone.
-            hidden = layer(hidden, key_mask, layer_rng, query_only=index == len(self.layers) - 1)
+            last = index == len(self.layers) - 1
+            hidden = layer(hidden, key_mask=key_mask, num_queries=1 if last else None, rng=layer_rng)
         delta = self.out_proj(self.final_norm(hidden[:, 0])).astype(jnp.float32)
         if self.config.residual:
             return query.astype(jnp.float32) + delta
@@ -238,8 +193,8 @@ class MeanFusion(nnx.Module):
         if rng is not None and self.retrieved_dropout > 0.0:
             valid = valid & jax.random.bernoulli(rng, 1.0 - self.retrieved_dropout, (batch, k))
         items = jnp.concatenate([query[:, None, :], retrieved], axis=1).astype(jnp.float32)
-        items = items * jax.lax.rsqrt(jnp.maximum(jnp.sum(items**2, axis=-1, keepdims=True), 1e-12))
+        items = l2_normalize(items)
         weights = jnp.concatenate([jnp.ones((batch, 1), bool), valid.astype(bool)], axis=1)
         total = jnp.sum(jnp.where(weights[..., None], items, 0.0), axis=1)
         mean = total / jnp.sum(weights, axis=1, keepdims=True)
-        return mean * jax.lax.rsqrt(jnp.maximum(jnp.sum(mean**2, axis=-1, keepdims=True), 1e-12))
+        return l2_normalize(mean)

@@ -1,4 +1,4 @@
-"""Transformer building blocks shared by the CLIP/SigLIP towers.
+"""Transformer building blocks shared by every model: the CLIP/SigLIP towers, the fusion, heads.
 
 Every parameter carries logical axis names as ``out_sharding`` metadata (the key
 ``nnx.with_partitioning`` writes). Params are created with ``eager_sharding=False``:
@@ -161,10 +161,25 @@ class LayerNorm(nnx.Module):
         return outputs.astype(self.dtype)
 
 
-class Attention(nnx.Module):
-    """Multi-head attention with separate q/k/v projections (transformers' layout).
+def l2_normalize(vectors: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Scales each row to unit length, a norm below eps counting as eps; float32 [..., D] out."""
+    vectors = vectors.astype(jnp.float32)
+    return vectors * jax.lax.rsqrt(jnp.maximum(jnp.sum(vectors**2, axis=-1, keepdims=True), eps**2))
 
-    q_proj/k_proj/v_proj kernels: [embed, heads, kv]; out_proj kernel: [heads, kv, embed].
+
+def dropout(inputs: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout of single elements; the identity when rng is None or rate is 0."""
+    if rng is None or rate == 0.0:
+        return inputs
+    keep = jax.random.bernoulli(rng, 1.0 - rate, inputs.shape)
+    return jnp.where(keep, inputs / (1.0 - rate), 0.0).astype(inputs.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head self- or cross-attention with separate q/k/v projections (transformers' layout).
+
+    q_proj kernel: [embed, heads, kv]; k_proj/v_proj kernels: [kv_width, heads, kv] (kv_width
+    defaults to width); out_proj kernel: [heads, kv, embed].
     """
 
     def __init__(
@@ -172,6 +187,7 @@ class Attention(nnx.Module):
         width: int,
         heads: int,
         *,
+        kv_width: int | None = None,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -179,11 +195,12 @@ class Attention(nnx.Module):
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         head_dim = width // heads
+        kv_width = width if kv_width is None else kv_width
         self.head_dim = head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = Dense(width, (heads, head_dim), ("embed", "heads", "kv"), **kw)
-        self.k_proj = Dense(width, (heads, head_dim), ("embed", "heads", "kv"), **kw)
-        self.v_proj = Dense(width, (heads, head_dim), ("embed", "heads", "kv"), **kw)
+        self.k_proj = Dense(kv_width, (heads, head_dim), ("embed", "heads", "kv"), **kw)
+        self.v_proj = Dense(kv_width, (heads, head_dim), ("embed", "heads", "kv"), **kw)
         self.out_proj = Dense((heads, head_dim), width, ("heads", "kv", "embed"), **kw)
 
     def __call__(
@@ -191,15 +208,25 @@ class Attention(nnx.Module):
         queries: jax.Array,
         keys_values: jax.Array | None = None,
         *,
+        key_mask: jax.Array | None = None,
         is_causal: bool = False,
+        num_queries: int | None = None,
     ) -> jax.Array:
-        """queries [B, T, width], keys_values [B, S, width] (default: queries) -> [B, T, width]."""
+        """queries [B, T, width], keys_values [B, S, kv_width] (None: self-attention, S = T) -> [B, Q, width].
+
+        key_mask: bool [B, S]; False keys are never attended to. None: every key.
+        is_causal: query i attends keys 0..i only.
+        num_queries: only the first Q query positions are computed; None: Q = T.
+        """
         keys_values = queries if keys_values is None else keys_values
+        if num_queries is not None:
+            queries = queries[:, :num_queries]
         q = self.q_proj(queries)
         k = self.k_proj(keys_values)
         v = self.v_proj(keys_values)
+        mask = None if key_mask is None else key_mask.astype(bool)[:, None, None, :]  # [B, heads, Q, S]
         attended = jax.nn.dot_product_attention(
-            q, k, v, scale=1.0 / math.sqrt(self.head_dim), is_causal=is_causal)
+            q, k, v, mask=mask, scale=1.0 / math.sqrt(self.head_dim), is_causal=is_causal)
         return self.out_proj(attended)
 
 
@@ -228,8 +255,16 @@ class MLP(nnx.Module):
         return self.fc2(ACTIVATIONS[self.act](self.fc1(inputs)))
 
 
-class EncoderLayer(nnx.Module):
-    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+class Block(nnx.Module):
+    """Pre-norm transformer block with residual dropout:
+
+        x = x + dropout(self_attn(layer_norm1(x)))                      key_mask, is_causal
+        x = x + dropout(cross_attn(cross_attn_layer_norm(x), context))   with cross_attention only
+        x = x + dropout(mlp(layer_norm2(x)))
+
+    Without cross-attention the params are transformers' CLIP encoder layer's. Dropout (``dropout``
+    rate) runs only when an rng key is passed.
+    """
 
     def __init__(
         self,
@@ -239,28 +274,67 @@ class EncoderLayer(nnx.Module):
         act: str,
         *,
         eps: float,
+        dropout: float = 0.0,
+        cross_attention: bool = False,
+        context_width: int | None = None,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dropout = dropout
         self.layer_norm1 = LayerNorm(width, eps=eps, **kw)
         self.self_attn = Attention(width, heads, **kw)
+        if cross_attention:
+            self.cross_attn_layer_norm = LayerNorm(width, eps=eps, **kw)
+            self.cross_attn = Attention(width, heads, kv_width=context_width, **kw)
+        else:
+            self.cross_attn_layer_norm = None
+            self.cross_attn = None
         self.layer_norm2 = LayerNorm(width, eps=eps, **kw)
         self.mlp = MLP(width, mlp_dim, act, **kw)
 
-    def __call__(self, hidden: jax.Array, is_causal: bool = False) -> jax.Array:
-        """[B, T, width] -> [B, T, width]."""
-        hidden = hidden + self.self_attn(self.layer_norm1(hidden), is_causal=is_causal)
-        return hidden + self.mlp(self.layer_norm2(hidden))
+    def __call__(
+        self,
+        hidden: jax.Array,
+        *,
+        key_mask: jax.Array | None = None,
+        is_causal: bool = False,
+        context: jax.Array | None = None,
+        context_mask: jax.Array | None = None,
+        num_queries: int | None = None,
+        rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """hidden [B, T, width] -> [B, Q, width].
+
+        key_mask: bool [B, T] for self-attention (False: never attended to); None: every token.
+        context: [B, S, context_width] for cross-attention (required with it, refused without);
+        context_mask: bool [B, S].
+        num_queries: only the first Q rows are computed (keys still come from all T); None: Q = T.
+        rng: PRNG key enabling dropout; None: deterministic.
+        """
+        if (context is None) != (self.cross_attn is None):
+            raise ValueError("a block with cross-attention needs a context and one without refuses it; "
+                             f"cross_attention={self.cross_attn is not None}, context given={context is not None}")
+        sublayers = 2 if self.cross_attn is None else 3
+        rngs = list(jax.random.split(rng, sublayers)) if rng is not None else [None] * sublayers
+        attended = self.self_attn(self.layer_norm1(hidden), key_mask=key_mask, is_causal=is_causal,
+                                  num_queries=num_queries)
+        hidden = hidden[:, : attended.shape[1]] + dropout(attended, self.dropout, rngs[0])
+        if self.cross_attn is not None:
+            attended = self.cross_attn(self.cross_attn_layer_norm(hidden), context, key_mask=context_mask)
+            hidden = hidden + dropout(attended, self.dropout, rngs[1])
+        return hidden + dropout(self.mlp(self.layer_norm2(hidden)), self.dropout, rngs[-1])
 
 
-def _apply_layer(layer: EncoderLayer, hidden: jax.Array, is_causal: bool) -> jax.Array:
-    return layer(hidden, is_causal)
+def _apply_block(block: Block, hidden: jax.Array, key_mask: jax.Array | None, is_causal: bool) -> jax.Array:
+    return block(hidden, key_mask=key_mask, is_causal=is_causal)
 
 
 class Encoder(nnx.Module):
-    """A stack of EncoderLayers (``layers.<i>``), optionally rematerialized per block."""
+    """A stack of self-attention Blocks (``layers.<i>``), optionally rematerialized per block."""
 
     def __init__(
         self,
@@ -278,13 +352,13 @@ class Encoder(nnx.Module):
     ):
         self.remat = remat
         self.layers = nnx.List([
-            EncoderLayer(width, heads, mlp_dim, act, eps=eps, dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs)
+            Block(width, heads, mlp_dim, act, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             for _ in range(depth)])
 
-    def __call__(self, hidden: jax.Array, *, is_causal: bool = False) -> jax.Array:
-        """[B, T, width] -> [B, T, width]."""
-        apply = nnx.remat(_apply_layer, static_argnums=(2,)) if self.remat else _apply_layer
+    def __call__(self, hidden: jax.Array, *, key_mask: jax.Array | None = None,
+                 is_causal: bool = False) -> jax.Array:
+        """hidden [B, T, width], key_mask bool [B, T] or None -> [B, T, width]."""
+        apply = nnx.remat(_apply_block, static_argnums=(3,)) if self.remat else _apply_block
         for layer in self.layers:
-            hidden = apply(layer, hidden, is_causal)
+            hidden = apply(layer, hidden, key_mask, is_causal)
         return hidden
