@@ -339,6 +339,7 @@ def test_frozen_vision_tower_stays_bitwise_and_has_no_optimizer_state(tmp_path):
 
 def test_unknown_method_is_a_config_error():
     from vlm_jax.config_lib import ConfigError
+    from vlm_jax.methods import get_method
 
     with pytest.raises(ConfigError, match="not a known method"):
-        trainer.resolve_method("nope")
+        get_method("nope")

@@ -29,8 +29,8 @@ _WORKDIR = flags.DEFINE_string(
 # Task name -> "module:function". Imported lazily so a task pulls in only what it uses.
 TASKS = {
     "zero_shot_eval": "vlm_jax.evaluate.tasks:zero_shot_eval",
-    "train": "vlm_jax.train.trainer:train_task",
-    "reco": "vlm_jax.methods.reco_pipeline:reco_task",
+    "train": "vlm_jax.methods:train_task",
+    "reco": "vlm_jax.methods.reco:reco_task",
 }
 
 

@@ -29,7 +29,7 @@ Precision: params are stored in the model's `param_dtype` (float32 master weight
 computes in its `dtype` (e.g. bfloat16); gradients and optimizer moments are float32.
 
 Config fields read here (defaults in `trainer_config()`; each method adds its own):
-  method: registry name of the method (`METHODS`), used by `train_task`.
+  method: registry name of the method (`vlm_jax.methods.METHODS`), read by its `train_task`.
   seed: model init (nnx.Rngs(seed)), the train-step RNG key and the data order.
   total_steps: optimizer steps of the whole run (the schedule's total_steps follows it).
   global_batch_size: examples per optimizer step over all processes.
@@ -43,7 +43,6 @@ Config fields read here (defaults in `trainer_config()`; each method adds its ow
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import time
 from collections.abc import Mapping
@@ -69,15 +68,8 @@ from vlm_jax.train import checkpoint as checkpoint_lib
 from vlm_jax.train import optim, sharding
 from vlm_jax.train.metrics import MetricsWriter, Progress
 
-# Method name (config.method) -> "module:class"; imported only when chosen.
-METHODS = {
-    "clip": "vlm_jax.methods.clip:ClipMethod",
-    "reco": "vlm_jax.methods.reco:RecoMethod",
-}
-
-
 class Method(Protocol):
-    """What a method provides to the trainer; `METHODS` maps config.method to an implementation."""
+    """What a method provides to the trainer (the registry in `vlm_jax.methods` picks one by name)."""
 
     def create_model(self, config, rngs: nnx.Rngs) -> nnx.Module:
         """The whole model tree, frozen parts included; freezing is config.optim.trainable's job."""
@@ -129,19 +121,6 @@ def trainer_config() -> ml_collections.ConfigDict:
 
 def _field(config, name: str) -> Any:
     return config[name] if name in config else trainer_config()[name]
-
-
-def resolve_method(name: str) -> Method:
-    """A new instance of the method registered as `name` in `METHODS`."""
-    if name not in METHODS:
-        raise ConfigError(f"config.method={name!r} is not a known method; expected one of {sorted(METHODS)}.")
-    module_name, class_name = METHODS[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)()
-
-
-def train_task(config, workdir: epath.Path) -> dict[str, float]:
-    """The `train` task of `vlm_jax.main`: trains `config.method` in `workdir`."""
-    return train(config, workdir, resolve_method(config.method))
 
 
 # --------------------------------------------------------------------------------------------------
