@@ -1,4 +1,4 @@
-"""Evaluators on hand-set embeddings whose answers are worked out by hand.
+"""Evaluators on hand-set embeddings whose answers are worked out by hand, scored through views.
 
 The metric definitions follow clip_benchmark's `zeroshot_classification.py` (acc1/acc5 by top-k,
 mean per-class recall as sklearn's balanced accuracy) and `zeroshot_retrieval.py` (an image hits if any
@@ -22,6 +22,7 @@ from vlm_jax.evaluate import (
     retrieval_metrics,
     zero_shot_classifier,
 )
+from vlm_jax.evaluate.views import StoredPrompts, View, pixel_view, stored_view
 from vlm_jax.evaluate.zero_shot import class_prompts
 
 TRACES = {"encode_image": 0, "encode_text": 0}
@@ -74,7 +75,8 @@ def test_classifier_is_normalized_mean_of_normalized_template_embeddings():
     # renormalized is at 22.5 degrees. Both dog prompts point along y.
     text_table = [[2, 0, 0], [3, 3, 0], [0, 5, 0], [0, 0.5, 0]]
     model = LookupModel(np.zeros((1, 3)), text_table)
-    classifier = zero_shot_classifier(model, LookupTokenizer(texts), ["cat", "dog"], ["a {}", "photo of {c}"], batch_size=3)
+    prompts = pixel_view(model, LookupTokenizer(texts), batch_size=3).prompts
+    classifier = zero_shot_classifier(prompts, ["cat", "dog"], ["a {}", "photo of {c}"])
     expected = [[math.cos(math.pi / 8), math.sin(math.pi / 8), 0], [0, 1, 0]]
     np.testing.assert_allclose(classifier, expected, atol=1e-6)
 
@@ -91,7 +93,8 @@ def test_templates_may_be_callables_or_per_class_descriptions():
 def test_per_class_descriptions_average_uneven_lists():
     texts = ["meows", "purrs", "barks"]
     model = LookupModel(np.zeros((1, 2)), [[1, 0], [0, 1], [-1, 0]])
-    classifier = zero_shot_classifier(model, LookupTokenizer(texts), ["cat", "dog"], [["meows", "purrs"], ["barks"]])
+    prompts = pixel_view(model, LookupTokenizer(texts)).prompts
+    classifier = zero_shot_classifier(prompts, ["cat", "dog"], [["meows", "purrs"], ["barks"]])
     np.testing.assert_allclose(classifier, [[math.sqrt(0.5), math.sqrt(0.5)], [-1, 0]], atol=1e-6)
 
 
@@ -144,17 +147,17 @@ def _zero_shot_setup():
 def test_zero_shot_evaluator_by_hand_with_ragged_batches():
     model, tokenizer, class_names, templates, data = _zero_shot_setup()
     evaluator = get_evaluator(
-        "zero_shot", data=data, tokenizer=tokenizer, class_names=class_names, templates=templates,
-        batch_size=4, subsets={"common": [0, 1], "rare": [2]},
+        "zero_shot", data=data, class_names=class_names, templates=templates, subsets={"common": [0, 1], "rare": [2]},
     )  # fmt: skip
     assert isinstance(evaluator, ZeroShotEvaluator)
-    metrics = evaluator.run(model)
+    view = pixel_view(model, tokenizer, batch_size=4)
+    metrics = evaluator.run(view)
     assert metrics["top1"] == pytest.approx(5 / 7)
     assert metrics["top5"] == 1.0
     assert metrics["mean_per_class_recall"] == pytest.approx((2 / 2 + 1 / 2 + 2 / 3) / 3)
     assert metrics["top1_common"] == pytest.approx(3 / 4)
     assert metrics["top1_rare"] == pytest.approx(2 / 3)
-    assert evaluator.run(model) == metrics
+    assert evaluator.run(view) == metrics
 
 
 def _retrieval_setup():
@@ -180,7 +183,7 @@ def _retrieval_setup():
 
 def test_retrieval_recall_by_hand_with_several_captions_and_padding():
     model, data = _retrieval_setup()
-    metrics = get_evaluator("retrieval", data=data, batch_size=4, ks=(1, 2, 5)).run(model)
+    metrics = get_evaluator("retrieval", data=data, ks=(1, 2, 5)).run(pixel_view(model, None, batch_size=4))
     # Caption -> image: images closer than the caption's own image: t0 0, t1 1 (image 1), t2 0, t3 2
     # (images 2 and 3), t4 0, t5 0.
     assert metrics["image_retrieval_recall@1"] == pytest.approx(4 / 6)
@@ -230,15 +233,16 @@ def test_evaluators_run_on_the_tiny_clip_model():
         BatchedEncoder(model, "encode_image", 4)(images), direct / np.linalg.norm(direct, axis=1, keepdims=True),
         atol=1e-5,
     )
+    view = pixel_view(model, tokenizer, batch_size=4)
     metrics = ZeroShotEvaluator(
         data=lambda: [{"image": images, "label": np.array([0, 1, 2, 0, 1, 2], np.int32)}],
-        tokenizer=tokenizer, class_names=["red", "green", "blue"], templates=["a {} shape"], batch_size=4,
-    ).run(model)  # fmt: skip
+        class_names=["red", "green", "blue"], templates=["a {} shape"],
+    ).run(view)  # fmt: skip
     assert set(metrics) == {"top1", "top5", "mean_per_class_recall"}
     assert all(0.0 <= v <= 1.0 for v in metrics.values()) and metrics["top5"] == 1.0
     captions = tokenizer([f"caption {i}" for i in range(12)]).reshape(6, 2, length)
-    evaluator = RetrievalEvaluator(data=lambda: [{"image": images, "text_ids": captions}], batch_size=4, ks=(1, 6, 11))
-    metrics = evaluator.run(model)
+    evaluator = RetrievalEvaluator(data=lambda: [{"image": images, "text_ids": captions}], ks=(1, 6, 11))
+    metrics = evaluator.run(view)
     # With 6 images every caption's image is in its top 6; with 12 captions, 2 per image, at most 10
     # captions can outrank an image's best own caption.
     assert metrics["image_retrieval_recall@6"] == 1.0 and metrics["text_retrieval_recall@11"] == 1.0
@@ -261,3 +265,46 @@ def test_encoder_runs_under_jit_cache_for_same_structure():
     np.testing.assert_allclose(a, np.eye(3))
     np.testing.assert_allclose(b, np.eye(3)[::-1])
     assert jax.tree.leaves(nnx.state(first))  # the models are untouched by splitting
+
+
+def test_stored_view_scores_as_the_pixel_view_of_the_model_that_stored_the_embeddings():
+    model, tokenizer, class_names, templates, data = _zero_shot_setup()
+    pixels = pixel_view(model, tokenizer, batch_size=4)
+    texts = [text for prompts in class_prompts(class_names, templates) for text in prompts]
+    prompts = StoredPrompts(texts, 3.0 * pixels.prompts(texts))  # stored rows need not be unit
+
+    def stored_data():
+        for batch in data():
+            yield {"image_embedding": 2.0 * pixels.images(batch), "label": batch["label"]}
+
+    evaluator = ZeroShotEvaluator(stored_data, class_names, templates)
+    on_pixels = ZeroShotEvaluator(data, class_names, templates).run(pixels)
+    assert evaluator.run(stored_view(prompts)) == pytest.approx(on_pixels)
+    with pytest.raises(ValueError, match="no stored embedding"):
+        prompts(["a fish"])
+
+    retrieval_model, retrieval_data = _retrieval_setup()
+    view = pixel_view(retrieval_model, None, batch_size=4)
+    stored = [{"image_embedding": view.images(batch), "text_embedding": view.captions(batch),
+               "text_mask": batch["text_mask"]} for batch in retrieval_data()]
+    assert RetrievalEvaluator(lambda: stored, ks=(1, 2)).run(stored_view(prompts)) == pytest.approx(
+        RetrievalEvaluator(retrieval_data, ks=(1, 2)).run(view))
+
+
+def test_a_refined_view_maps_each_modality_in_fixed_batches_and_renormalizes():
+    calls = []
+
+    def rotate(embeddings):  # [b, D] -> [b, D]: swaps x and y, doubles the length
+        calls.append(embeddings.shape)
+        return 2.0 * embeddings[:, jnp.array([1, 0, 2])]
+
+    base = View(images=lambda batch: np.asarray(batch["image_embedding"], np.float32),
+                captions=lambda batch: np.asarray(batch["text_embedding"], np.float32),
+                prompts=lambda texts: np.eye(3, dtype=np.float32)[: len(texts)])
+    refined = base.refined(rotate, None, batch_size=4)
+    images = np.asarray([_angle(a) for a in (0, 30, 60, 90, 120)], np.float32)
+    np.testing.assert_allclose(refined.images({"image_embedding": images}), images[:, [1, 0, 2]], atol=1e-6)
+    assert calls == [(4, 3), (4, 3)]  # 5 rows: two batches of 4, the last padded
+    captions = images[:4].reshape(2, 2, 3)
+    np.testing.assert_array_equal(refined.captions({"text_embedding": captions}), captions)  # text map None
+    np.testing.assert_array_equal(refined.prompts(["a", "b"]), np.eye(3)[:2])

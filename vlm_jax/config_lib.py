@@ -1,7 +1,13 @@
-"""Helpers shared by the experiment configs in `experiments/` (big_vision's `configs/common.py` role)."""
+"""Config helpers: preset arguments, the one config-file loader, and field checks that turn a
+misspelt or unknown key anywhere (sections, free-named sections, variant overrides) into one line."""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import importlib.util
+import typing
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -56,3 +62,127 @@ def require_path(path: str | None, what: str, *, field: str) -> epath.Path:
     if not resolved.exists():
         raise ConfigError(f"{what} {str(resolved)!r} does not exist; fix --config.{field}.")
     return resolved
+
+
+class MapOf:
+    """Schema of a section whose keys are free names (sources, evaluators, variants), each value
+    checked against `schema` (a ConfigDict of defaults, another MapOf, or None for any value)."""
+
+    def __init__(self, schema: Any):
+        self.schema = schema
+
+
+def _as_dict(section: Any) -> dict[str, Any]:
+    if isinstance(section, ml_collections.ConfigDict):
+        return dict(section.items())
+    return dict(section)
+
+
+def check_fields(config: Any, schema: Any, where: str = "config") -> None:
+    """Raises a one-line ConfigError naming the first field of `config` that `schema` lacks.
+
+    `schema` is a ConfigDict (or dict) of defaults: a nested ConfigDict/dict there is a section
+    checked recursively, a `MapOf` a section of free names whose values are checked against its
+    schema, and any other value a leaf (its value is not looked into).
+    """
+    if isinstance(schema, MapOf):
+        if not isinstance(config, (Mapping, ml_collections.ConfigDict)):
+            raise ConfigError(f"{where} must be a section of named entries, got {type(config).__name__}.")
+        if schema.schema is not None:
+            for name, value in _as_dict(config).items():
+                check_fields(value, schema.schema, f"{where}.{name}")
+        return
+    if not isinstance(schema, (Mapping, ml_collections.ConfigDict)):
+        return
+    if not isinstance(config, (Mapping, ml_collections.ConfigDict)):
+        raise ConfigError(f"{where} must be a section with fields {sorted(_as_dict(schema))}, got {config!r}.")
+    known = _as_dict(schema)
+    for key, value in _as_dict(config).items():
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"; did you mean {where}.{close[0]}?" if close else f"; expected one of {sorted(known)}"
+            raise ConfigError(f"{where}.{key} is not a field{hint}")
+        check_fields(value, known[key], f"{where}.{key}")
+
+
+def merged(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where: str) -> ml_collections.ConfigDict:
+    """A copy of `config` with nested `overrides` applied; every overridden field must exist."""
+    result = ml_collections.ConfigDict(config.to_dict())
+
+    def apply(section: ml_collections.ConfigDict, values: Mapping[str, Any], path: str) -> None:
+        for key, value in _as_dict(values).items():
+            if key not in section:
+                close = difflib.get_close_matches(key, list(section.keys()), n=1)
+                hint = f"; did you mean {path}.{close[0]}?" if close else ""
+                raise ConfigError(f"{path}.{key} is not a field of the experiment config{hint}")
+            if isinstance(section[key], ml_collections.ConfigDict) and isinstance(
+                    value, (Mapping, ml_collections.ConfigDict)):
+                apply(section[key], value, f"{path}.{key}")
+            else:
+                try:
+                    section[key] = tuple(value) if isinstance(value, list) else value
+                except TypeError as error:
+                    raise ConfigError(f"{path}.{key}: {error}") from None
+
+    apply(result, overrides, where)
+    return result
+
+
+def typed(cls: type, section: Any, where: str) -> Any:
+    """Builds the dataclass `cls` from a config section, rejecting fields it does not have (one
+    line naming `where.field`); a field whose type is itself a dataclass is built recursively."""
+    values = _as_dict(section) if section is not None else {}
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean {where}.{close[0]}?" if close else f"; expected one of {sorted(fields)}"
+            raise ConfigError(f"{where}.{key} is not a field{hint}")
+        if dataclasses.is_dataclass(hints.get(key)) and not dataclasses.is_dataclass(value):
+            value = typed(hints[key], value, f"{where}.{key}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def experiment_module(path: str | epath.PathLike) -> Any:
+    """The experiment config file at `path` as a module (experiments/ is a folder of files, not a
+    package): the one config-file loader, used by `load_config_file` and by experiments that share
+    another's snippets."""
+    path = epath.Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist.")
+    spec = importlib.util.spec_from_file_location(f"experiments_{path.stem}", str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config_file(argument: str) -> ml_collections.ConfigDict:
+    """`path/to/experiment.py[:arg]` -> its `get_config(arg)`."""
+    path, _, arg = str(argument).partition(":")
+    return experiment_module(path).get_config(arg or None)
+
+
+def defaults_of(cls: type) -> ml_collections.ConfigDict:
+    """A dataclass's fields and defaults as a config section (nested dataclasses as sections; a None
+    default as a typed placeholder, so `--config.a.b=1` can set it)."""
+    hints = typing.get_type_hints(cls)
+    section = ml_collections.ConfigDict()
+    for field in dataclasses.fields(cls):
+        value = getattr(cls(), field.name)
+        if dataclasses.is_dataclass(value):
+            section[field.name] = defaults_of(type(value))
+        elif value is None:
+            kinds = [kind for kind in typing.get_args(hints[field.name]) if kind is not type(None)]
+            base = typing.get_origin(kinds[0]) or kinds[0] if kinds else object
+            section[field.name] = ml_collections.config_dict.placeholder(base)
+        else:
+            section[field.name] = value
+    return section

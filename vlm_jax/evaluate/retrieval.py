@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
-from flax import nnx
 
-from vlm_jax.evaluate.common import BatchedEncoder, iterate_batches, register_evaluator
+from vlm_jax.evaluate.common import iterate_batches, register_evaluator
+from vlm_jax.evaluate.views import View
 
 # Queries scored per block, bounding the host memory of the score matrix.
 _QUERY_BLOCK = 1024
@@ -72,36 +72,27 @@ class RetrievalEvaluator:
     """Image <-> text retrieval over a captioned image set.
 
     Args:
-      data: callable returning a fresh iterable of batches {"image": float32 [B, H, W, 3] preprocessed,
-        "text_ids": int32 [B, C, L]} with C captions per image, optionally "text_mask": bool [B, C]
-        marking real captions (padded ones are left out).
-      batch_size: images and captions per encoder call.
+      data: callable returning a fresh iterable of batches with the view's inputs ("image" and
+        "text_ids" int32 [B, C, L], or "image_embedding" [B, D] and "text_embedding" [B, C, D]) for
+        C captions per image, optionally "text_mask": bool [B, C] marking real captions (padded ones
+        are left out).
       ks: the K values of recall@K.
       prefix: prepended to every metric name.
     """
 
-    def __init__(
-        self,
-        data: Callable[[], Iterable[dict[str, np.ndarray]]],
-        batch_size: int = 256,
-        ks: Sequence[int] = (1, 5, 10),
-        prefix: str = "",
-    ):
-        self.data, self.batch_size, self.ks, self.prefix = data, batch_size, tuple(ks), prefix
+    def __init__(self, data: Callable[[], Iterable[dict[str, np.ndarray]]], ks: Sequence[int] = (1, 5, 10),
+                 prefix: str = ""):
+        self.data, self.ks, self.prefix = data, tuple(ks), prefix
 
-    def run(self, model: nnx.Module) -> dict[str, float]:
-        encode_images = BatchedEncoder(model, "encode_image", self.batch_size)
-        encode_texts = BatchedEncoder(model, "encode_text", self.batch_size)
+    def run(self, view: View) -> dict[str, float]:
         image_embeddings, text_embeddings, text_to_image = [], [], []
         num_images = 0
         for batch in iterate_batches(self.data):
-            text_ids = np.asarray(batch["text_ids"])
-            if text_ids.ndim != 3:
-                raise ValueError(f"Expected text_ids int32 [B, C, L], found shape {text_ids.shape}.")
-            batch_images, captions_per_image = text_ids.shape[:2]
+            captions = view.captions(batch)
+            batch_images, captions_per_image = captions.shape[:2]
             mask = np.asarray(batch.get("text_mask", np.ones((batch_images, captions_per_image), bool)), bool)
-            image_embeddings.append(encode_images(batch["image"]))
-            text_embeddings.append(encode_texts(text_ids[mask]))
+            image_embeddings.append(view.images(batch))
+            text_embeddings.append(captions[mask])
             owner = np.broadcast_to(np.arange(batch_images)[:, None], mask.shape)[mask]
             text_to_image.append(num_images + owner)
             num_images += batch_images

@@ -10,6 +10,8 @@
         subsets="",                   # "frequency": per common/rare/novel top-1 (datasets that define it)
         batch_size=256,
         max_examples=0,               # evaluate on the first N examples only (0: all)
+        pred="clip",                  # the view it scores: one of the method's views ("clip", "reco", ...)
+        stored_dir="",                # read embeddings stored there (`evaluate.stored`) instead of pixels
     )
     config.evals.shapes_retrieval = dict(
         type="retrieval",
@@ -32,7 +34,9 @@ import numpy as np
 
 from vlm_jax.config_lib import ConfigError
 from vlm_jax.data import datasets, pipeline
+from vlm_jax.evaluate import stored
 from vlm_jax.evaluate.common import Evaluator, get_evaluator
+from vlm_jax.evaluate.views import View, pixel_view, stored_view
 
 
 def eval_spec(**overrides: Any) -> ml_collections.ConfigDict:
@@ -46,6 +50,8 @@ def eval_spec(**overrides: Any) -> ml_collections.ConfigDict:
             "subsets": "",
             "batch_size": 256,
             "max_examples": 0,
+            "pred": "clip",
+            "stored_dir": "",
         }
     )
     spec.data.shuffle = False
@@ -83,10 +89,12 @@ def _register_builder(tfds_name: str) -> None:
 
 
 def _batches(spec, preprocess, tokenizer) -> Callable[[], Iterable[dict[str, np.ndarray]]]:
+    if spec.stored_dir:
+        return stored.stored_batches(spec.stored_dir, spec)
     _register_builder(spec.data.tfds_name)
     source = pipeline.make_source(spec.data)
     if spec.max_examples:
-        source = _Head(source, spec.max_examples)
+        source = stored.Head(source, spec.max_examples)
 
     def batches():
         return pipeline.make_eval_iterator(
@@ -96,60 +104,67 @@ def _batches(spec, preprocess, tokenizer) -> Callable[[], Iterable[dict[str, np.
     return batches
 
 
-class _Head:
-    """The first `count` records of a random-access source."""
-
-    def __init__(self, source: Any, count: int):
-        self.source, self.count = source, min(count, len(source))
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int) -> Any:
-        if not 0 <= index < self.count:
-            raise IndexError(index)
-        return self.source[index]
+# (model, inputs) -> {view name: View}; `inputs(encoder)` is the view of an encoder's towers on the
+# spec's source (pixels and tokens), or of the stored embeddings (the encoder is then not run).
+Views = Callable[[Any, Callable[[Any], View]], Mapping[str, View]]
 
 
-class _Prefixed:
-    """Runs an evaluator and puts `<name>/` in front of its metric names."""
+class SpecEvaluator:
+    """One spec's evaluator bound to its view: `run(model)` scores `views(model, inputs)[spec.pred]`,
+    metrics prefixed with `<name>/`."""
 
-    def __init__(self, name: str, evaluator: Evaluator):
-        self.name, self.evaluator = name, evaluator
+    def __init__(self, name: str, spec, evaluator: Evaluator, inputs: Callable[[Any], View], views: Views):
+        self.name, self.spec, self.evaluator, self.inputs, self.views = name, spec, evaluator, inputs, views
 
     def run(self, model) -> dict[str, float]:
-        return {f"{self.name}/{key}": value for key, value in self.evaluator.run(model).items()}
+        offered = self.views(model, self.inputs)
+        if self.spec.pred not in offered:
+            raise ConfigError(f"evals.{self.name}.pred={self.spec.pred!r} is not a view of this method; "
+                              f"expected one of {sorted(offered)}.")
+        return {f"{self.name}/{key}": value for key, value in self.evaluator.run(offered[self.spec.pred]).items()}
 
 
-def build_evaluator(name: str, spec: Mapping[str, Any], preprocess, tokenizer) -> Evaluator:
-    """The evaluator one spec describes; its metrics are prefixed with `<name>/`."""
+def clip_views(model, inputs: Callable[[Any], View]) -> dict[str, View]:
+    """The views of a plain two-tower model: "clip", its own towers."""
+    return {"clip": inputs(model)}
+
+
+def class_names_and_templates(spec) -> tuple[list[str], Any]:
+    """A zero-shot spec's class names and templates (the registry's, or the spec's own)."""
+    entry = _registry_entry(spec.classes or spec.data.dataset)
+    return entry.class_names(data_dir=spec.data.data_dir), list(spec.templates) or entry.templates
+
+
+def build_evaluator(name: str, spec: Mapping[str, Any], preprocess, tokenizer, views: Views = clip_views) -> SpecEvaluator:
+    """The evaluator one spec describes, scoring the view `spec.pred` of the model it runs on."""
     spec = eval_spec(**(spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)))
     batches = _batches(spec, preprocess, tokenizer)
     if spec.type == "zero_shot":
         entry = _registry_entry(spec.classes or spec.data.dataset)
         if not spec.data.label_key:
             spec.data.label_key = entry.label_key
+        class_names, templates = class_names_and_templates(spec)
         evaluator = get_evaluator(
-            "zero_shot",
-            data=batches,
-            tokenizer=tokenizer,
-            class_names=entry.class_names(data_dir=spec.data.data_dir),
-            templates=list(spec.templates) or entry.templates,
-            batch_size=spec.batch_size,
+            "zero_shot", data=batches, class_names=class_names, templates=templates,
             subsets=_class_subsets(entry, spec.subsets, spec.data.tfds_name or entry.tfds_name or ""),
         )
     elif spec.type == "retrieval":
-        if not spec.data.text_keys or not spec.data.texts_per_example:
+        if not spec.stored_dir and (not spec.data.text_keys or not spec.data.texts_per_example):
             raise ConfigError(f"evals.{name}: retrieval needs data.text_keys and data.texts_per_example.")
-        evaluator = get_evaluator("retrieval", data=batches, batch_size=spec.batch_size)
+        evaluator = get_evaluator("retrieval", data=batches)
     else:
         raise ConfigError(f"evals.{name}.type={spec.type!r} is not one of 'zero_shot', 'retrieval'.")
-    return _Prefixed(name, evaluator)
+    if spec.stored_dir:
+        prompts = stored.stored_prompts(spec.stored_dir)
+        inputs = lambda encoder: stored_view(prompts)  # noqa: E731 - the stored source needs no encoder
+    else:
+        inputs = lambda encoder: pixel_view(encoder, tokenizer, int(spec.batch_size))  # noqa: E731
+    return SpecEvaluator(name, spec, evaluator, inputs, views)
 
 
-def build_evaluators(evals: Mapping[str, Any], preprocess, tokenizer) -> dict[str, Evaluator]:
+def build_evaluators(evals: Mapping[str, Any], preprocess, tokenizer, views: Views = clip_views) -> dict[str, SpecEvaluator]:
     """{name: evaluator} for every spec in a `config.evals` section."""
-    return {name: build_evaluator(name, spec, preprocess, tokenizer) for name, spec in evals.items()}
+    return {name: build_evaluator(name, spec, preprocess, tokenizer, views) for name, spec in evals.items()}
 
 
 def run_evaluators(evaluators: Mapping[str, Evaluator], model) -> dict[str, float]:

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-from flax import nnx
 
-from vlm_jax.evaluate.common import BatchedEncoder, iterate_batches, normalize_rows, register_evaluator
+from vlm_jax.evaluate.common import iterate_batches, register_evaluator
+from vlm_jax.evaluate.views import View
+from vlm_jax.memory.store import unit_rows
 
 Template = str | Callable[[str], str]
 Prompts = Sequence[Template] | Mapping[str, Sequence[str]] | Sequence[Sequence[str]]
@@ -60,31 +61,25 @@ def class_prompts(class_names: Sequence[str], templates: Prompts) -> list[list[s
 
 
 def zero_shot_classifier(
-    model: nnx.Module,
-    tokenizer: Callable[[Sequence[str]], np.ndarray],
-    class_names: Sequence[str],
-    templates: Prompts,
-    batch_size: int = 256,
+    prompt_embeddings: Callable[[Sequence[str]], np.ndarray], class_names: Sequence[str], templates: Prompts
 ) -> np.ndarray:
     """Builds the zero-shot text classifier.
 
     Args:
-      model: exposes `encode_text(ids int32 [B, L]) -> [B, D]`.
-      tokenizer: texts -> int32 [N, L].
+      prompt_embeddings: texts -> unit float32 [N, D] (a view's `prompts`).
       class_names: C names.
       templates: see `class_prompts`.
-      batch_size: texts per encoder call.
     Returns:
       float32 [C, D]: per class, the normalized mean of normalized prompt embeddings.
     """
     prompts = class_prompts(class_names, templates)
     flat_texts = [text for texts in prompts for text in texts]
-    text_embeddings = BatchedEncoder(model, "encode_text", batch_size)(tokenizer(flat_texts))
+    text_embeddings = prompt_embeddings(flat_texts)
     class_of_text = np.repeat(np.arange(len(prompts)), [len(texts) for texts in prompts])
     sums = np.zeros((len(prompts), text_embeddings.shape[1]), np.float64)
     np.add.at(sums, class_of_text, text_embeddings)
     means = sums / np.bincount(class_of_text, minlength=len(prompts))[:, None]
-    return normalize_rows(means).astype(np.float32)
+    return unit_rows(means.astype(np.float32))
 
 
 def classification_metrics(
@@ -125,12 +120,10 @@ class ZeroShotEvaluator:
     """Zero-shot classification over a labelled image set.
 
     Args:
-      data: callable returning a fresh iterable of batches {"image": float32 [B, H, W, 3] preprocessed,
-        "label": int32 [B]}.
-      tokenizer: texts -> int32 [N, L].
+      data: callable returning a fresh iterable of batches with the view's image inputs ("image"
+        float32 [B, H, W, 3] preprocessed, or "image_embedding" [B, D]) and "label" int32 [B].
       class_names: C names, indexed by label.
       templates: see `class_prompts`.
-      batch_size: images and texts per encoder call.
       subsets: optional name -> class ids for per-subset top-1 (e.g. {"common": [...], "rare": [...]}).
       prefix: prepended to every metric name.
     """
@@ -138,23 +131,20 @@ class ZeroShotEvaluator:
     def __init__(
         self,
         data: Callable[[], Iterable[dict[str, np.ndarray]]],
-        tokenizer: Callable[[Sequence[str]], np.ndarray],
         class_names: Sequence[str],
         templates: Prompts,
-        batch_size: int = 256,
         subsets: Mapping[str, Sequence[int]] | None = None,
         prefix: str = "",
     ):
-        self.data, self.tokenizer = data, tokenizer
+        self.data = data
         self.class_names, self.templates = list(class_names), templates
-        self.batch_size, self.subsets, self.prefix = batch_size, subsets, prefix
+        self.subsets, self.prefix = subsets, prefix
 
-    def run(self, model: nnx.Module) -> dict[str, float]:
-        classifier = zero_shot_classifier(model, self.tokenizer, self.class_names, self.templates, self.batch_size)
-        encode_images = BatchedEncoder(model, "encode_image", self.batch_size)
+    def run(self, view: View) -> dict[str, float]:
+        classifier = zero_shot_classifier(view.prompts, self.class_names, self.templates)
         logits, labels = [], []
         for batch in iterate_batches(self.data):
-            logits.append(encode_images(batch["image"]) @ classifier.T)
+            logits.append(view.images(batch) @ classifier.T)
             labels.append(np.asarray(batch["label"]))
         if not logits:
             raise ValueError("The zero-shot data yielded no batches.")
