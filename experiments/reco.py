@@ -8,7 +8,7 @@
         --config.train_data.cc12m.paths='/data/cc12m/*.array_record' --config.data_dir=/data/tfds
     python -m vlm_jax.main --config=experiments/reco.py:cc12m_b32,backend=scann ...   # memory on the host
 
-What runs (`vlm_jax.methods.reco_pipeline`, each step resumable): the frozen CLIP (clip_dir, or the
+What runs (`vlm_jax.methods.reco.reco_task` on the shared runner, each stage resumable): the frozen CLIP (clip_dir, or the
 Shapes World CLIP of experiments/clip.py trained into <workdir>/clip on first use), the memory
 embedded into <workdir>/memory, the training pairs and eval sets embedded once, then the fusion
 trained by the shared trainer for every variant (RECO, cross-modal search, mean fusion) and seed,
@@ -29,7 +29,6 @@ Options: smoke=True (tiny CLIP, shapes_world/test, a few steps, one seed); backe
   (where the memory is searched at evaluation; training always uses precomputed neighbours).
 """
 
-import importlib.util
 import pathlib
 
 import ml_collections
@@ -45,11 +44,8 @@ PRESETS = ("shapes", "cc12m_b32")
 
 
 def _sibling(name: str):
-    """Another config file of experiments/ (a folder of config files, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"experiments_{name}", pathlib.Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """Another config file of experiments/ as a module (its shared snippets)."""
+    return config_lib.experiment_module(pathlib.Path(__file__).with_name(f"{name}.py"))
 
 
 def _common(config: ml_collections.ConfigDict) -> None:
@@ -60,12 +56,13 @@ def _common(config: ml_collections.ConfigDict) -> None:
     config.clip_dir = ""
     config.clip_config = ""
     config.seeds = 3  # fusion runs per variant, seeds seed, seed + 1, ...
-    # Variants trained and evaluated side by side: reco-section overrides (fusion_config nested).
+    # Variants trained and evaluated side by side: nested overrides of this config (checked field by field).
     config.variants = ml_collections.ConfigDict({
-        "reco": {},                            # uni-modal search, transformer fusion (the paper's design)
-        "crossmodal": {"search": "crossmodal"},  # ablation: image -> memory texts directly (and text -> images)
-        "mean": {"fusion": "mean"},            # ablation: average of query and retrieved, no fusion transformer
+        "reco": {},                                       # uni-modal search, transformer fusion (the paper's design)
+        "crossmodal": {"reco": {"search": "crossmodal"}},  # ablation: image -> memory texts directly (and text -> images)
+        "mean": {"reco": {"fusion": "mean"}},             # ablation: average of query and retrieved, no fusion transformer
     })
+    config.baseline_label = "CLIP (frozen)"
     config.variant_labels = ml_collections.ConfigDict({
         "reco": "CLIP+RECO", "crossmodal": "  cross-modal search", "mean": "  mean instead of fusion"})
     config.reco = reco_config()
@@ -203,7 +200,7 @@ def get_config(arg=None):
     if arg.backend not in ("exact", "approx", "scann"):
         raise config_lib.ConfigError(f"backend={arg.backend!r} is not 'exact', 'approx' or 'scann'.")
     config = trainer_config()
-    config.task = "reco"  # vlm_jax.methods.reco_pipeline.reco_task
+    config.task = "reco"  # vlm_jax.methods.reco.reco_task
     config.preset = arg.preset
     config.seed = 0
     # TFDS data_dir for Shapes World (built there on first use) and the eval datasets.

@@ -1,10 +1,9 @@
-"""RECO end to end (experiments/reco.py, vlm_jax.methods.reco_pipeline): presets, stored-embedding
-training and evaluation, self-exclusion, export, the table, and the smoke run with a resumed memory."""
+"""RECO end to end (experiments/reco.py, `reco_task` on the shared runner): presets, run configs,
+misspelt fields, training on stored pairs, stored-embedding evaluation, and the smoke run."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,31 +11,42 @@ import subprocess
 import sys
 import types
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from vlm_jax.methods import reco, reco_pipeline
+from vlm_jax.config_lib import ConfigError, load_config_file
+from vlm_jax.methods import reco, runner
 from vlm_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig, tiny, vit_b32
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENT = ROOT / "experiments" / "reco.py"
 ARGUMENTS = ("shapes", "shapes,smoke=True", "shapes,backend=scann", "cc12m_b32", "cc12m_b32,smoke=True",
              "cc12m_b32,backend=scann", "cc12m_b32,backend=approx")
+CONTEXT = {"clip_dir": "/c", "memory_dir": "/m",
+           "train_dirs": ("/w/train_embeddings/memory", "/w/train_embeddings/pretrain")}
 
 
-def experiment():
-    spec = importlib.util.spec_from_file_location("experiments_reco", EXPERIMENT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def experiment_config(argument="shapes"):
+    return load_config_file(f"{EXPERIMENT}:{argument}")
 
 
-def _unit(rows):
-    rows = np.asarray(rows, np.float32)
-    return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
+def run_configs(config, context=None) -> dict[str, ml_collections.ConfigDict]:
+    """{variant: the trainer config of its runs}: `reco_task` up to the runner, with the stages'
+    outputs given by `context` (default: CONTEXT and the config's evals, stored)."""
+    if context is None:
+        evals = ml_collections.ConfigDict({name: {**spec.to_dict(), "stored_dir": f"/w/eval_embeddings/{name}"}
+                                           for name, spec in config.evals.items()})
+        context = {**CONTEXT, "evals": evals}
+
+    def run_experiment(config, workdir, method, *, stages, run_config, baseline_metrics):
+        assert isinstance(method, reco.RecoMethod)
+        return {name: run_config(variant, context) for name, variant in runner.variant_configs(config, config).items()}
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "run_experiment", run_experiment)
+        return reco.reco_task(config, "/w")
 
 
 def _clip_config(config) -> CLIPConfig:
@@ -46,11 +56,7 @@ def _clip_config(config) -> CLIPConfig:
         config = vit_b32()
         return config.replace(vision=dataclasses.replace(config.vision, depth=1),
                               text=dataclasses.replace(config.text, depth=1))
-    path, _, arg = config.clip_config.partition(":")
-    spec = importlib.util.spec_from_file_location("experiments_clip", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    fields = module.get_config(arg).model.to_dict()
+    fields = load_config_file(config.clip_config).model.to_dict()
     return CLIPConfig(vision=VisionConfig(**fields.pop("vision")), text=TextConfig(**fields.pop("text")), **fields)
 
 
@@ -60,14 +66,13 @@ def _clip_config(config) -> CLIPConfig:
 
 @pytest.mark.parametrize("argument", ARGUMENTS)
 def test_every_preset_builds_and_every_variant_traces_abstractly(argument):
-    config = experiment().get_config(argument)
+    config = experiment_config(argument)
     assert config.task == "reco" and config.method == "reco"
-    assert {"reco", "crossmodal", "mean"} <= set(config.variants)
+    runs = run_configs(config)
+    assert set(runs) == {"reco", "crossmodal", "mean"}
     clip_config = _clip_config(config)
-    for variant in config.variants:
-        run = reco_pipeline.run_config(config, variant=variant, seed=0, clip_dir="clip", memory_dir="memory",
-                                       workdir=pathlib.Path("workdir"))
-        reco_config = reco.RecoConfig.from_config(run.reco, embed_dim=clip_config.embed_dim)
+    for variant, run in runs.items():
+        reco_config = reco.parse_reco(run.reco)
         model = nnx.eval_shape(lambda: reco.RECO(CLIP(clip_config, rngs=nnx.Rngs(0)), reco_config, rngs=nnx.Rngs(1)))
         fusion_params = sum(int(np.prod(variable.get_value().shape))
                             for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)) if path[0] != "clip")
@@ -76,62 +81,122 @@ def test_every_preset_builds_and_every_variant_traces_abstractly(argument):
         elif not config.clip_config:
             # The paper: ~3.2M fusion parameters for B/32.
             assert 3.0e6 < fusion_params < 3.4e6, fusion_params
-    assert run.reco.training_retrieval == "precomputed" and run.optim.trainable[0] == (r"^clip/", False)
+        assert run.reco.training_retrieval == "precomputed" and run.optim.trainable[0] == (r"^clip/", False)
+    assert runs["crossmodal"].reco.search == "crossmodal" and runs["mean"].reco.fusion == "mean"
 
 
 def test_a_misspelt_option_or_backend_is_an_error():
-    with pytest.raises(ValueError, match="backend"):
-        experiment().get_config("shapes,backend=faiss")
-    with pytest.raises(ValueError, match="not one of"):
-        experiment().get_config("shapes,seeds=2")
+    with pytest.raises(ConfigError, match="backend"):
+        experiment_config("shapes,backend=faiss")
+    with pytest.raises(ConfigError, match="not one of"):
+        experiment_config("shapes,seeds=2")
 
 
-def test_run_config_applies_the_variant_and_points_at_the_stored_embeddings():
-    config = experiment().get_config("shapes")
-    with config.unlocked():
-        config.variants.wide = {"k": 4, "fusion_config": {"width": 96}}
-    run = reco_pipeline.run_config(config, variant="wide", seed=7, clip_dir="/c", memory_dir="/m",
-                                   workdir=pathlib.Path("/w"))
-    assert (run.task, run.seed, run.model_dir, run.reco.memory_dir) == ("train", 7, "/c", "/m")
+def test_run_config_applies_nested_variant_overrides_and_points_at_the_stored_embeddings():
+    config = experiment_config("shapes")
+    config.variants.wide = {"reco": {"k": 4, "fusion_config": {"width": 96}}, "optim": {"learning_rate": 1e-3}}
+    run = run_configs(config)["wide"]
+    assert (run.task, run.method, run.clip_dir, run.reco.memory_dir) == ("train", "reco", "/c", "/m")
     assert run.reco.k == 4 and run.reco.fusion_config.width == 96 and run.reco.fusion_config.heads == 4
-    assert run.reco.train_embeddings_dirs == ("/w/train_embeddings/memory", "/w/train_embeddings/pretrain")
-    assert run.reco.train_weights == (0.25, 0.75)  # memory, pretrain
-    with config.unlocked():
-        config.train_weights = {"pretrain": 3.0}
-    weighted = reco_pipeline.run_config(config, variant="reco", seed=0, clip_dir="/c", memory_dir="/m",
-                                        workdir=pathlib.Path("/w"))
-    assert weighted.reco.train_weights == (0.0, 3.0)
-    assert run.reco.eval_embeddings_dir == "/w/eval_embeddings"
-    assert config.reco.k == 16  # the experiment config itself is untouched
+    assert run.optim.learning_rate == 1e-3 and run.optim.trainable == config.optim.trainable
+    assert run.reco.train_embeddings_dirs == CONTEXT["train_dirs"]
+    assert run.reco.training_retrieval == "precomputed"
+    weights = dict(zip(config.train_data, run.reco.train_weights))  # one weight per directory, in train_data order
+    assert weights == {"pretrain": 0.75, "memory": 0.25}
+    assert {name: (spec.pred, spec.stored_dir) for name, spec in run.evals.items()} == {
+        name: ("reco", f"/w/eval_embeddings/{name}") for name in config.evals}
+    assert config.reco.k == 16 and config.reco.memory_dir == ""  # the experiment config itself is untouched
+    config.train_weights = ml_collections.ConfigDict({"pretrain": 3.0})
+    weighted = run_configs(config)["reco"]
+    assert dict(zip(config.train_data, weighted.reco.train_weights)) == {"pretrain": 3.0, "memory": 0.0}
+
+
+def test_pixel_training_reads_its_one_source_and_refuses_several():
+    config = experiment_config("shapes,smoke=True")
+    context = {**CONTEXT, "train_dirs": (), "evals": config.evals}
+    with pytest.raises(ConfigError, match="embeddings.train=True"):
+        run_configs(config, context)
+    del config.train_data["memory"]
+    config.train_weights = ml_collections.ConfigDict()
+    run = run_configs(config, context)["reco"]
+    assert run.data.split == "pretrain" and run.reco.train_embeddings_dirs == ()
+
+
+def one_line_config_error(config) -> str:
+    with pytest.raises(ConfigError) as error:
+        run_configs(config)
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def test_a_misspelt_field_at_the_top_or_in_a_section_or_in_train_weights_is_a_one_line_error():
+    config = experiment_config("shapes,smoke=True")
+    config.seedz = 1
+    assert one_line_config_error(config) == "config.seedz is not a field; did you mean config.seed?"
+    config = experiment_config("shapes,smoke=True")
+    config.reco.fusion_config.widht = 64
+    assert one_line_config_error(config) == (
+        "config.reco.fusion_config.widht is not a field; did you mean config.reco.fusion_config.width?")
+    config = experiment_config("shapes,smoke=True")
+    config.train_data.pretrain.splt = "x"
+    assert one_line_config_error(config).startswith("config.train_data.pretrain.splt is not a field")
+    config = experiment_config("shapes,smoke=True")
+    config.train_weights.pretrian = 1.0
+    assert "pretrian" in one_line_config_error(config)
+
+
+def test_a_misspelt_field_inside_a_variant_is_one_error_line_from_main(tmp_path):
+    config_file = tmp_path / "typo.py"
+    config_file.write_text(
+        "from vlm_jax.config_lib import load_config_file\n\n\n"
+        "def get_config(arg=None):\n"
+        f"    config = load_config_file({str(EXPERIMENT) + ':shapes,smoke=True'!r})\n"
+        "    config.variants.wide = {'reco': {'fusion_config': {'widht': 64}}}\n"
+        "    return config\n")
+    result = subprocess.run([sys.executable, "-m", "vlm_jax.main", f"--config={config_file}",
+                             f"--workdir={tmp_path / 'work'}"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        "error: variants.wide.reco.fusion_config.widht is not a field of the experiment config; "
+        "did you mean variants.wide.reco.fusion_config.width?"]
+    assert not (tmp_path / "work" / "clip").exists()  # refused before any stage ran
 
 
 # --------------------------------------------------------------------------------------------------
-# Training on stored embeddings, self-exclusion
+# Training on stored pairs
 
 
-def fake_store(images, texts, *, ids=None, split="memory"):
-    """A stand-in for `vlm_jax.memory.store.Memory` with the fields the pipeline reads."""
+def _unit(rows):
+    rows = np.asarray(rows, np.float32)
+    return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
+
+
+def fake_store(images, texts, *, split="memory"):
+    """A stand-in for `vlm_jax.memory.store.Memory` with the fields the method reads."""
     rows = len(images)
     indices = np.arange(rows)
+    fields = {"image_embeddings": _unit(images), "text_embeddings": _unit(texts)}
     return types.SimpleNamespace(
-        image_embeddings=_unit(images), text_embeddings=_unit(texts), num_rows=rows, indices=indices,
-        ids=np.asarray(ids if ids is not None else indices.astype(str), str),
+        **fields, rows=fields.__getitem__, num_rows=rows, indices=indices, ids=indices.astype(str),
         manifest={"config": {"data": {"source": "tfds", "tfds_name": "shapes_world/test", "split": split}}})
 
 
 def method_with(stores: dict) -> reco.RecoMethod:
     method = reco.RecoMethod()
-    method._memories.update(stores)
+    for directory, store in stores.items():
+        method._cache[("memory", directory)] = store
     return method
 
 
 def train_config(**reco_fields):
     config = ml_collections.ConfigDict(dict(global_batch_size=8, seed=3, reco=reco.reco_config()))
-    config.reco.update({"memory_dir": "memory", "train_embeddings_dirs": ("train",), "k": 3, **reco_fields})
+    config.reco.update({"memory_dir": "memory", "train_embeddings_dirs": ("train",), "k": 3,
+                        "training_retrieval": "precomputed", **reco_fields})
     return config
 
 
-def test_stored_pairs_iterator_adds_the_neighbours_values_and_resumes_exactly():
+def test_stored_pairs_iterator_adds_the_neighbour_ids_and_resumes_exactly():
     rng = np.random.default_rng(0)
     memory = fake_store(rng.normal(size=(40, 16)), rng.normal(size=(40, 16)))
     train = fake_store(rng.normal(size=(32, 16)), rng.normal(size=(32, 16)), split="pretrain")
@@ -141,10 +206,11 @@ def test_stored_pairs_iterator_adds_the_neighbours_values_and_resumes_exactly():
     rows = batch["index"]
     np.testing.assert_allclose(batch["image_embedding"], train.image_embeddings[rows])
     np.testing.assert_allclose(batch["text_embedding"], train.text_embeddings[rows])
-    # Uni-modal search: an image's neighbours are the nearest memory images; it receives their texts.
+    # Uni-modal search: an image's neighbours are the nearest memory images (it receives their texts).
     expected = np.argsort(-(train.image_embeddings[rows] @ memory.image_embeddings.T), axis=1)[:, :3]
-    np.testing.assert_array_equal(batch["retrieved_for_image_ids"], expected)
-    np.testing.assert_allclose(batch["retrieved_for_image"], memory.text_embeddings[expected], rtol=1e-6)
+    np.testing.assert_array_equal(batch["neighbours_image"], expected)
+    expected = np.argsort(-(train.text_embeddings[rows] @ memory.text_embeddings.T), axis=1)[:, :3]
+    np.testing.assert_array_equal(batch["neighbours_text"], expected)
     state = iterator.get_state()
     following = [next(iterator)["index"] for _ in range(6)]  # past the 4-batch epoch: a reshuffled repeat
     resumed = method.train_iterator(train_config(), 0, 1)
@@ -161,87 +227,26 @@ def test_train_weights_set_how_often_each_source_is_drawn_and_exclusion_is_per_s
     method = method_with({"memory": memory, "pretrain": pretrain})
     config = train_config(train_embeddings_dirs=("memory", "pretrain"), train_weights=(1.0, 3.0))
     iterator = method.train_iterator(config, 0, 1)
-    rows = np.concatenate([next(iterator)["index"] for _ in range(40)])
-    assert 0.18 < np.mean(rows < 32) < 0.32  # a quarter from the memory source (rows 0-31 of the union)
+    sources = np.concatenate([next(iterator)["source"] for _ in range(40)])
+    assert 0.18 < np.mean(sources == 0) < 0.32  # a quarter from the memory source
     batch = next(iterator)
-    from_memory = batch["index"] < 32
+    from_memory = batch["source"] == 0
     # Memory pairs never retrieve themselves; pretrain pairs (another source, positional ids) may
-    # retrieve any row.
-    assert not (batch["retrieved_for_image_ids"][from_memory] == batch["index"][from_memory, None]).any()
+    # retrieve any row. Each example's ids are those of its own source's row.
+    assert not (batch["neighbours_image"][from_memory] == batch["index"][from_memory, None]).any()
+    stores = (memory, pretrain)
+    for row, source, ids in zip(batch["index"], batch["source"], batch["neighbours_text"]):
+        query = stores[source].text_embeddings[row]
+        scores = memory.text_embeddings @ query
+        if source == 0:
+            scores[row] = -np.inf
+        np.testing.assert_array_equal(ids, np.argsort(-scores)[:3])
+    unweighted = method.train_iterator(train_config(train_embeddings_dirs=("memory", "pretrain")), 0, 1)
+    sources = np.concatenate([next(unweighted)["source"] for _ in range(24)])
+    assert 0.23 < np.mean(sources == 0) < 0.43  # no weights: in proportion to size (a third)
     only_pretrain = method.train_iterator(train_config(train_embeddings_dirs=("memory", "pretrain"),
                                                        train_weights=(0.0, 1.0)), 0, 1)
-    assert min(next(only_pretrain)["index"].min() for _ in range(5)) >= 32
-
-
-def test_self_exclusion_drops_each_examples_own_row_when_it_trains_on_the_memory_itself():
-    rng = np.random.default_rng(1)
-    memory = fake_store(rng.normal(size=(24, 16)), rng.normal(size=(24, 16)))
-    method = method_with({"memory": memory, "train": memory})
-    own = np.arange(24)
-    excluded = reco_pipeline.stored_neighbours(method, train_config().reco.to_dict())
-    assert not (excluded.neighbours["image"] == own[:, None]).any()
-    assert not (excluded.neighbours["text"] == own[:, None]).any()
-    kept = reco_pipeline.stored_neighbours(method, train_config(exclude_self=False).reco.to_dict())
-    np.testing.assert_array_equal(kept.neighbours["image"][:, 0], own)  # its own image is its nearest
-
-
-def test_positional_ids_of_another_source_never_match_but_real_ids_do():
-    rng = np.random.default_rng(2)
-    memory = fake_store(rng.normal(size=(6, 8)), rng.normal(size=(6, 8)))
-    other = fake_store(rng.normal(size=(4, 8)), rng.normal(size=(4, 8)), split="pretrain")
-    np.testing.assert_array_equal(reco_pipeline.self_match_rows(other, memory), [-1, -1, -1, -1])
-    np.testing.assert_array_equal(reco_pipeline.self_match_rows(memory, memory), np.arange(6))
-    named_memory = fake_store(rng.normal(size=(3, 8)), rng.normal(size=(3, 8)), ids=["a", "b", "c"])
-    named = fake_store(rng.normal(size=(2, 8)), rng.normal(size=(2, 8)), ids=["c", "z"], split="pretrain")
-    np.testing.assert_array_equal(reco_pipeline.self_match_rows(named, named_memory), [2, -1])
-
-
-# --------------------------------------------------------------------------------------------------
-# Export, table
-
-
-@dataclasses.dataclass(frozen=True)
-class StubClipConfig:
-    embed_dim: int = 32
-
-
-class StubClip(nnx.Module):
-    """What RECO reads of its CLIP outside encode_*: embed_dim and the temperature (eager CLIP
-    creation takes long on a shared CPU, and refine never runs the towers)."""
-
-    def __init__(self):
-        self.config = StubClipConfig()
-        self.logit_scale = nnx.Param(jax.numpy.asarray(2.5))
-
-
-def tiny_reco():
-    section = dict(k=3, fusion_config=dict(heads=4, width=32, zero_init_output=False))
-    return reco.RECO(StubClip(), reco.RecoConfig.from_config(section, embed_dim=32), rngs=nnx.Rngs(5))
-
-
-def test_exported_fusion_loads_back_onto_its_clip_and_refines_identically(tmp_path):
-    model = tiny_reco()
-    reco.export_fusion(model, tmp_path)
-    loaded = reco.load_fusion(tmp_path, model.clip)
-    assert loaded.config == model.config
-    rng = np.random.default_rng(0)
-    queries, retrieved = _unit(rng.normal(size=(4, 32))), _unit(rng.normal(size=(4 * 3, 32))).reshape(4, 3, 32)
-    for modality in ("image", "text"):
-        np.testing.assert_array_equal(np.asarray(loaded.refine(modality, queries, retrieved=retrieved)),
-                                      np.asarray(model.refine(modality, queries, retrieved=retrieved)))
-    assert set(json.loads((tmp_path / reco.FUSION_CONFIG).read_text())) >= {"k", "search", "fusion_config"}
-
-
-def test_summary_gives_mean_sample_std_and_range_over_seeds_and_the_table_shows_them():
-    runs = {"reco": [{"clip/m": 0.2, "reco/m": value} for value in (0.5, 0.6, 0.7)],
-            "mean": [{"clip/m": 0.2, "reco/m": 0.3}]}
-    results = reco_pipeline.summarize(runs, ["m"])
-    assert results["clip/m"] == 0.2
-    assert results["reco/m"] == pytest.approx(0.6) and results["reco/m/std"] == pytest.approx(0.1)
-    assert (results["reco/m/min"], results["reco/m/max"], results["reco/m/seed_2"]) == (0.5, 0.7, 0.7)
-    assert results["mean/m/std"] == 0.0
-    table = reco_pipeline.format_table(results, {"clip": "CLIP", "reco": "RECO"}, [("m", "metric")], 3)
-    assert "60.0 ± 10.0" in table and "20.0" in table and "3 seed" in table
+    assert all((next(only_pretrain)["source"] == 1).all() for _ in range(5))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,7 +254,7 @@ def test_summary_gives_mean_sample_std_and_range_over_seeds_and_the_table_shows_
 
 
 @pytest.mark.slow
-def test_evaluation_on_stored_embeddings_equals_the_evaluators_on_pixels(tmp_path):
+def test_evaluation_on_stored_embeddings_equals_the_evaluators_on_pixels_for_both_views(tmp_path):
     from vlm_jax.data import shapes_world
     from vlm_jax.data.preprocess import PreprocessSpec
     from vlm_jax.data.tokenizer import Tokenizer
@@ -257,36 +262,40 @@ def test_evaluation_on_stored_embeddings_equals_the_evaluators_on_pixels(tmp_pat
     from vlm_jax.weights import save_pretrained
 
     tokenizer = Tokenizer.from_dir(shapes_world.tokenizer_dir(None, "test"))
-    config = tiny()
-    config = config.replace(
-        vision=dataclasses.replace(config.vision, depth=1),
-        text=dataclasses.replace(config.text, depth=1, vocab_size=tokenizer.vocab_size,
+    clip_config = tiny()
+    clip_config = clip_config.replace(
+        vision=dataclasses.replace(clip_config.vision, depth=1),
+        text=dataclasses.replace(clip_config.text, depth=1, vocab_size=tokenizer.vocab_size,
                                  context_length=tokenizer.context_length, eos_token_id=tokenizer.eos_id,
                                  pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id))
-    save_pretrained(CLIP(config, rngs=nnx.Rngs(0)), tmp_path / "clip", tokenizer=tokenizer,
+    clip_dir = str(tmp_path / "clip")
+    save_pretrained(CLIP(clip_config, rngs=nnx.Rngs(0)), clip_dir, tokenizer=tokenizer,
                     preprocess=PreprocessSpec.clip(image_size=32))
-    experiment_config = experiment().get_config("shapes,smoke=True")
-    with experiment_config.unlocked():
-        experiment_config.embeddings.progress = False
-        experiment_config.memory.progress = False
-    from vlm_jax.memory.build import build_memory
-
-    build_memory(experiment_config.memory, str(tmp_path / "clip"), None, None, tmp_path / "memory")
-    reco_pipeline.build_eval_embeddings(experiment_config.evals, str(tmp_path / "clip"), tmp_path / "eval",
-                                        experiment_config.embeddings.to_dict())
-    run = reco_pipeline.run_config(experiment_config, variant="reco", seed=0, clip_dir=str(tmp_path / "clip"),
-                                   memory_dir=str(tmp_path / "memory"), workdir=tmp_path)
-    run.reco.eval_embeddings_dir = str(tmp_path / "eval")
+    config = experiment_config("shapes,smoke=True")
+    config.embeddings.progress = False
+    config.memory.progress = False
+    memory_dir = runner.build_memory_stage(config.memory, clip_dir, tmp_path / "memory")
+    stored_evals = runner.store_evals(config.evals, clip_dir, tmp_path / "eval", config.embeddings)
+    run = ml_collections.ConfigDict(dict(clip_dir=clip_dir, dtype="float32", reco=config.reco.to_dict()))
+    run.reco.memory_dir = memory_dir
     run.reco.fusion_config.zero_init_output = False  # a fusion that changes the embeddings
     method = reco.RecoMethod()
     model = method.create_model(run, nnx.Rngs(1))
-    stored = suite.run_evaluators(method.evaluators(run), model)
-    run.reco.eval_embeddings_dir = ""
-    on_pixels = suite.run_evaluators(method.evaluators(run), model)
-    assert set(stored) == set(on_pixels) and any(key.startswith("reco/shapes/top1") for key in stored)
-    assert any(stored[f"reco/{k[5:]}"] != stored[k] for k in stored if k.startswith("clip/"))
-    for key, value in on_pixels.items():
-        assert stored[key] == pytest.approx(value, abs=1e-6), key
+
+    def evaluate(pred, stored):
+        with run.unlocked():
+            run.evals = {name: {**spec.to_dict(), "pred": pred, "stored_dir": spec.stored_dir if stored else ""}
+                         for name, spec in stored_evals.items()}
+        return suite.run_evaluators(method.evaluators(run), model)
+
+    metrics = {(pred, stored): evaluate(pred, stored) for pred in ("clip", "reco") for stored in (True, False)}
+    assert "shapes/top1" in metrics["reco", True]
+    assert any(metrics["reco", True][key] != value for key, value in metrics["clip", True].items())
+    for pred in ("clip", "reco"):
+        on_pixels = metrics[pred, False]
+        assert set(metrics[pred, True]) == set(on_pixels)
+        for key, value in on_pixels.items():
+            assert metrics[pred, True][key] == pytest.approx(value, abs=1e-6), (pred, key)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,30 +311,38 @@ def test_smoke_run_writes_the_table_and_a_rerun_resumes_the_memory_build(tmp_pat
     command = [sys.executable, "-m", "vlm_jax.main", "--config=experiments/reco.py:shapes,smoke=True",
                f"--workdir={tmp_path}"]
     environment = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    first = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=1200)
     assert first.returncode == 0, first.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    config = experiment().get_config("shapes,smoke=True")
+    config = experiment_config("shapes,smoke=True")
     for metric, label in config.table:
         assert label in first.stdout
-        for row in ("clip", "reco", "crossmodal", "mean"):
+        for row in ("baseline", "reco", "crossmodal", "mean"):
             assert 0.0 <= results[f"{row}/{metric}"] <= 1.0
-        assert f"reco/{metric}/std" in results
+        assert f"reco/{metric}/std" in results and f"baseline/{metric}/std" not in results
+    for label in (config.baseline_label, *config.variant_labels.values()):
+        assert label in first.stdout
     assert {"time/clip_s", "time/memory_s", "time/train_embeddings_s", "time/eval_embeddings_s",
-            "time/fusion_runs_s", "time/total_s"} <= set(results)
-    assert (tmp_path / "runs" / "reco" / "seed_0" / "export" / reco.FUSION_WEIGHTS).exists()
+            "time/baseline_s", "time/runs_s", "time/total_s"} <= set(results)
+    assert (tmp_path / "config.json").exists() and (tmp_path / "clip" / "config.json").exists()
+    for variant in config.variants:
+        run_dir = tmp_path / "runs" / variant / "seed_0"
+        run = json.loads((run_dir / "config.json").read_text())
+        assert run["task"] == "train" and run["reco"]["memory_dir"] == str(tmp_path / "memory")
+        assert (run_dir / "export" / "head.safetensors").exists()
 
     # An interrupted memory build: the last shard never finished.
     memory = tmp_path / "memory"
+    last = sorted(path.name for path in memory.glob("shard_*.json"))[-1].split(".")[0]
     (memory / "complete.json").unlink()
-    (memory / "shard_00003.json").unlink()
+    (memory / f"{last}.json").unlink()
     before = _memory_files(memory)
     embeddings_before = _memory_files(tmp_path / "train_embeddings")
-    second = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=1200)
     assert second.returncode == 0, second.stderr[-3000:]
     after = _memory_files(memory)
     unchanged = {name for name in before if before[name] == after.get(name)}
-    assert {name for name in before if not name.startswith("shard_00003")} <= unchanged
-    assert after["shard_00003.json"] and not any(name.startswith("shard_00003") for name in unchanged)
+    assert {name for name in before if not name.startswith(last)} <= unchanged
+    assert after[f"{last}.json"] and not any(name.startswith(last) for name in unchanged)
     assert _memory_files(tmp_path / "train_embeddings") == embeddings_before
     assert json.loads((tmp_path / "results.json").read_text()).keys() == results.keys()

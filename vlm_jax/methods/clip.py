@@ -34,14 +34,9 @@ from jax.sharding import Mesh, PartitionSpec
 
 from vlm_jax.config_lib import ConfigError
 from vlm_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
+from vlm_jax.models.layers import l2_normalize
 
 DEFAULT_BATCH_AXES = ("data", "fsdp")
-
-
-def l2_normalize(embeddings: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """Scales each row to unit length; float32 [..., D] out."""
-    embeddings = embeddings.astype(jnp.float32)
-    return embeddings * jax.lax.rsqrt(jnp.maximum(jnp.sum(embeddings**2, axis=-1, keepdims=True), eps**2))
 
 
 def clamped_scale(logit_scale: jax.Array, max_scale: float = 100.0) -> jax.Array:

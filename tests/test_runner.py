@@ -1,0 +1,136 @@
+"""The shared experiment runner: variants x seeds, stages, the baseline once, resume, the table."""
+
+import json
+
+import ml_collections
+import pytest
+
+from vlm_jax.config_lib import ConfigError
+from vlm_jax.methods import runner
+from vlm_jax.train import trainer
+
+
+def experiment(**fields):
+    config = ml_collections.ConfigDict({
+        "seed": 10, "seeds": 2, "lr": 1.0, "model": {"width": 8},
+        "variants": {"base": {}, "wide": {"model": {"width": 32}}, "fast": {"lr": 3.0}},
+        "variant_labels": {"wide": "  wider"}, "baseline_label": "frozen", "table": (("m", "metric"),),
+    })
+    config.update(fields)
+    return config
+
+
+class FakeTraining:
+    """Stands in for `trainer.train`: records each run's config, returns a metric from it."""
+
+    def __init__(self, preempt_at=None):
+        self.runs, self.preempt_at = [], preempt_at
+
+    def __call__(self, config, workdir, method):
+        self.runs.append((str(workdir), config.to_dict()))
+        if self.preempt_at is not None and len(self.runs) == self.preempt_at:
+            return {"preempted_at_step": 2.0}
+        return {"m": 0.1 * config.lr + 0.001 * config.model.width + 0.01 * (config.seed - 10)}
+
+
+def run(config, workdir, monkeypatch, training, calls):
+    monkeypatch.setattr(trainer, "train", training)
+
+    def stages(steps):
+        calls["stages"] += 1
+        return {"prefix": steps.run("prepare", lambda: "prepared")}
+
+    def run_config(variant, context):
+        run = ml_collections.ConfigDict(variant.to_dict())
+        run.context = context["prefix"]
+        return run
+
+    def baseline(context):
+        calls["baseline"] += 1
+        return {"m": 0.05}
+
+    return runner.run_experiment(config, workdir, object(), stages=stages, run_config=run_config,
+                                 baseline_metrics=baseline)
+
+
+def test_every_variant_and_seed_trains_once_and_the_baseline_is_evaluated_once(tmp_path, monkeypatch):
+    training, calls = FakeTraining(), {"stages": 0, "baseline": 0}
+    results = run(experiment(), tmp_path, monkeypatch, training, calls)
+    assert calls == {"stages": 1, "baseline": 1}
+    assert sorted(workdir.split("runs/")[1] for workdir, _ in training.runs) == [
+        f"{variant}/seed_{seed}" for variant in ("base", "fast", "wide") for seed in (0, 1)]
+    configs = {workdir.split("runs/")[1]: config for workdir, config in training.runs}
+    assert configs["wide/seed_1"]["model"]["width"] == 32 and configs["wide/seed_1"]["seed"] == 11
+    assert configs["fast/seed_0"]["lr"] == 3.0 and configs["fast/seed_0"]["context"] == "prepared"
+    for name, config in configs.items():
+        written = json.loads((tmp_path / "runs" / name / "config.json").read_text())
+        assert written == json.loads(json.dumps(config))
+    assert results["baseline/m"] == 0.05
+    assert results["wide/m"] == pytest.approx(0.1 + 0.032 + 0.005)
+    assert results["wide/m/std"] == pytest.approx(0.01 / 2**0.5)
+    assert "time/prepare_s" in results and "time/baseline_s" in results and "time/total_s" in results
+    table = (tmp_path / "results.txt").read_text()
+    assert "frozen" in table and "  wider" in table and "fast" in table and "metric" in table
+    assert json.loads((tmp_path / "results.json").read_text()) == pytest.approx(results)
+
+
+def test_a_rerun_reads_finished_runs_back_and_trains_only_what_is_missing(tmp_path, monkeypatch):
+    calls = {"stages": 0, "baseline": 0}
+    interrupted = FakeTraining(preempt_at=3)
+    assert run(experiment(), tmp_path, monkeypatch, interrupted, calls) == {"preempted_at_step": 2.0}
+    assert not (tmp_path / "results.json").exists()
+    resumed = FakeTraining()
+    results = run(experiment(), tmp_path, monkeypatch, resumed, calls)
+    finished = {workdir for workdir, _ in interrupted.runs[:2]}
+    assert len(resumed.runs) == 4 and not finished & {workdir for workdir, _ in resumed.runs}
+    assert results["base/m/seed_1"] == pytest.approx(0.1 + 0.008 + 0.01)
+
+
+def test_stages_are_timed_by_name_and_return_what_the_step_returns():
+    steps = runner.Stages()
+    assert steps.run("memory", lambda: "/dir") == "/dir"
+    assert set(steps.timings) == {"time/memory_s"} and steps.timings["time/memory_s"] >= 0.0
+
+
+def test_preempted_stage_stops_the_experiment_before_any_run(tmp_path, monkeypatch):
+    training = FakeTraining()
+    monkeypatch.setattr(trainer, "train", training)
+
+    def stages(steps):
+        raise runner.Preempted("stopped while training the base model")
+
+    result = runner.run_experiment(experiment(), tmp_path, object(), stages=stages, run_config=None,
+                                   baseline_metrics=None)
+    assert result == {"preempted": 1.0} and not training.runs
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"lrr": 1.0}, "variants.typo.lrr"),
+    ({"model": {"widht": 4}}, "variants.typo.model.widht"),
+])
+def test_a_variant_overriding_a_missing_field_is_a_one_line_error(overrides, field):
+    config = experiment()
+    config.variants.typo = overrides
+    with pytest.raises(ConfigError) as error:
+        runner.variant_configs(config, config)
+    assert str(error.value).startswith(f"{field} is not a field") and "\n" not in str(error.value)
+
+
+def test_no_variants_is_an_error():
+    config = experiment()
+    config.variants = ml_collections.ConfigDict()
+    with pytest.raises(ConfigError, match="variants is empty"):
+        runner.variant_configs(config, config)
+
+
+def test_summary_gives_mean_sample_std_and_range_over_seeds_and_the_table_shows_them():
+    runs = {"reco": [{"m": value} for value in (0.5, 0.6, 0.7)], "mean": [{"m": 0.3}]}
+    results = runner.summarize({"m": 0.2}, runs, ["m"])
+    assert results["baseline/m"] == 0.2
+    assert results["reco/m"] == pytest.approx(0.6) and results["reco/m/std"] == pytest.approx(0.1)
+    assert (results["reco/m/min"], results["reco/m/max"], results["reco/m/seed_2"]) == (0.5, 0.7, 0.7)
+    assert results["mean/m/std"] == 0.0
+    table = runner.format_table(results, {"baseline": "CLIP", "reco": "RECO", "mean": "mean"}, [("m", "metric")], 3)
+    lines = table.splitlines()
+    assert lines[1].startswith("CLIP") and lines[1].rstrip().endswith("20.0")  # the baseline row has no ± std
+    assert "60.0 ± 10.0" in lines[2] and "30.0 ± 0.0" in lines[3] and "3 seed" in lines[-1]

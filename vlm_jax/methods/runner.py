@@ -1,0 +1,327 @@
+"""The experiment runner every method's task shares: stages, variants x seeds, the table.
+
+    results = run_experiment(config, workdir, method, stages=prepare, run_config=one_run)
+
+1. Stages (`Stages.run`): named, timed steps whose outputs stay on disk, so a rerun skips what is
+   done (the base model, a memory, stored embeddings). Shared ones live here: `base_model_dir`
+   trains the base CLIP by calling the trainer, `build_memory_stage` and `store_evals` embed a
+   corpus and the eval sets with a frozen model.
+2. The frozen baseline (`baseline`): views that do not change across variants (the frozen CLIP)
+   are evaluated once per experiment, not once per run.
+3. Variants x seeds: each variant is a nested override of the experiment config (checked: every
+   overridden field must exist); each run trains with the shared trainer into
+   `<workdir>/runs/<variant>/seed_<i>` and writes its resolved config.json; finished runs are read
+   back from their results.json.
+4. The table: mean, sample std and range over seeds, printed, in results.txt and results.json.
+
+Config fields read: seed, seeds, variants (name -> overrides), variant_labels, table (pairs of
+metric and column label), baseline_label.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+from vlm_jax.config_lib import ConfigError, MapOf, check_fields, load_config_file, merged, require_path
+
+
+def experiment_schema(**sections: Any) -> dict[str, Any]:
+    """The fields an experiment run by `run_experiment` may have: the trainer's, the runner's and
+    the method's `sections` (checked once with `config_lib.check_fields`)."""
+    from vlm_jax.data.pipeline import default_config  # noqa: PLC0415
+    from vlm_jax.evaluate.suite import eval_spec  # noqa: PLC0415
+    from vlm_jax.train.trainer import trainer_config  # noqa: PLC0415
+
+    # A plain dict: a ConfigDict would refuse a MapOf where the trainer's config has a section.
+    schema = dict(trainer_config().items())
+    schema.update(preset="", data_dir="", clip_dir="", clip_config="", dtype="float32", seeds=1,
+                  baseline_label="", table=(), data=default_config())
+    for name, value in {"variants": MapOf(None), "variant_labels": MapOf(None), "evals": MapOf(eval_spec()),
+                        **sections}.items():
+        schema[name] = value
+    return schema
+
+
+def write_json(path: epath.Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2, sort_keys=True, default=float) + "\n")
+
+
+def write_config(directory: epath.PathLike, config: ml_collections.ConfigDict) -> None:
+    """`<directory>/config.json`: the resolved config of a run, inner runs included."""
+    directory = epath.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+@dataclasses.dataclass
+class Stages:
+    """Named, timed steps of one experiment; wall times land in results.json as time/<name>_s."""
+
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def run(self, name: str, function: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        value = function()
+        self.timings[f"time/{name}_s"] = time.perf_counter() - started
+        logging.info("Stage %s: %.1f s", name, self.timings[f"time/{name}_s"])
+        return value
+
+
+def base_model_dir(config, workdir: epath.Path) -> str:
+    """The frozen base model: `config.clip_dir` when set, else the experiment `config.clip_config`
+    names, trained by the trainer into `<workdir>/clip` (resumed if interrupted) and exported."""
+    if config.clip_dir:
+        return str(require_path(config.clip_dir, "the frozen CLIP directory", field="clip_dir"))
+    if not config.clip_config:
+        raise ConfigError("neither clip_dir nor clip_config is set; pass --config.clip_dir=DIR (a CLIP in the "
+                          "Hugging Face format) or name an experiment that trains one.")
+    from vlm_jax.methods.clip import ClipMethod  # noqa: PLC0415
+    from vlm_jax.train.trainer import train  # noqa: PLC0415
+
+    base = load_config_file(config.clip_config)
+    if base.get("method") != "clip":
+        raise ConfigError(f"clip_config {config.clip_config!r} trains method {base.get('method')!r}; the base model "
+                          "must be a plain CLIP (method 'clip').")
+    if "data_dir" in base and config.get("data_dir") is not None:
+        base.data_dir = config.data_dir
+    directory = workdir / "clip"
+    export = directory / "export"
+    if not (export / "config.json").exists():
+        logging.info("Training the base model (%s) into %s.", config.clip_config, directory)
+        write_config(directory, base)
+        metrics = train(base, directory, ClipMethod())
+        if "preempted_at_step" in metrics:
+            raise Preempted(f"stopped while training the base model in {directory}; rerun the same command.")
+    return str(export)
+
+
+class Preempted(Exception):
+    """A run stopped on SIGTERM after saving; the experiment stops and resumes on the next call."""
+
+
+def prepare_tfds(data) -> None:
+    """Builds an embedded TFDS dataset (Shapes World) on first use."""
+    name = data.get("tfds_name") or ""
+    if data.get("source", "tfds") == "tfds" and name.startswith("shapes_world"):
+        from vlm_jax.data import shapes_world  # noqa: PLC0415
+
+        shapes_world.prepare(data.get("data_dir"), name.split("/", 1)[1].split(":")[0] if "/" in name else "default")
+
+
+def build_memory_stage(build_config, model_dir: str, directory: epath.PathLike) -> str:
+    """Embeds the corpus of a `memory_config()` section with the frozen model (resumable)."""
+    from vlm_jax.memory.build import build_memory  # noqa: PLC0415
+
+    prepare_tfds(build_config.data)
+    build_memory(build_config, model_dir, None, None, directory)
+    return str(directory)
+
+
+def pairs_build_config(data, embed: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """The memory-builder section that stores a training source's (image, text) pairs unaugmented."""
+    from vlm_jax.memory.build import memory_config  # noqa: PLC0415
+
+    build = memory_config()
+    for key, value in data.to_dict().items():
+        if key in build.data:
+            build.data[key] = tuple(value) if isinstance(value, list) else value
+    build.data.update(shuffle=False, augment="none")
+    build.update(shard_size=int(embed["shard_size"]), batch_size=int(embed["batch_size"]), dtype=embed["dtype"],
+                 progress=bool(embed["progress"]))
+    return build
+
+
+def store_evals(evals, model_dir: str, root: epath.Path, embed: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """Stores every eval set's embeddings by the frozen model under `root/<name>`; returns the eval
+    specs reading them (`stored_dir` set)."""
+    from vlm_jax.evaluate import stored, suite  # noqa: PLC0415
+    from vlm_jax.weights import load_pretrained  # noqa: PLC0415
+
+    pretrained = load_pretrained(model_dir)
+    specs = ml_collections.ConfigDict()
+    for name, spec in evals.items():
+        spec = suite.eval_spec(**spec.to_dict())
+        prepare_tfds(spec.data)
+        class_names, templates = suite.class_names_and_templates(spec) if spec.type == "zero_shot" else ((), ())
+        stored.store_eval_embeddings(spec, pretrained, root / name, embed, class_names, templates)
+        spec.stored_dir = str(root / name)
+        specs[name] = spec
+    return specs
+
+
+def frozen_clip_stages(config, workdir: epath.Path, steps: Stages, memory_dir: str = "") -> dict[str, Any]:
+    """The stages of a method on a frozen CLIP (RECO, RAR): the base model, its memory of
+    `config.memory` (unless a built `memory_dir` is given), every
+    `config.train_data` source's pairs (embeddings.train) and the eval sets (embeddings.eval)
+    embedded once. Returns {"clip_dir", "memory_dir", "train_dirs", "evals"}."""
+    clip_dir = steps.run("clip", lambda: base_model_dir(config, workdir))
+    memory_dir = memory_dir or steps.run("memory", lambda: build_memory_stage(
+        config.memory, clip_dir, workdir / "memory"))
+    train_dirs = ()
+    if config.embeddings.train:
+        train_dirs = steps.run("train_embeddings", lambda: tuple(build_memory_stage(
+            pairs_build_config(data, config.embeddings), clip_dir, workdir / "train_embeddings" / name)
+            for name, data in config.train_data.items()))
+    evals = config.evals
+    if config.embeddings.eval:
+        evals = steps.run("eval_embeddings", lambda: store_evals(
+            config.evals, clip_dir, workdir / "eval_embeddings", config.embeddings))
+    return {"clip_dir": clip_dir, "memory_dir": memory_dir, "train_dirs": train_dirs, "evals": evals}
+
+
+FROZEN_CLIP_EMBEDDINGS = {"train": True, "eval": True, "shard_size": 4096, "batch_size": 256, "dtype": "float32",
+                          "progress": True}
+
+
+def check_frozen_clip_config(config, **sections: Any) -> None:
+    """Checks every field of a frozen-CLIP experiment (`frozen_clip_stages`) and the method's `sections`."""
+    from vlm_jax.data.pipeline import default_config  # noqa: PLC0415
+    from vlm_jax.memory.build import memory_config  # noqa: PLC0415
+
+    check_fields(config, experiment_schema(memory=memory_config(), embeddings=FROZEN_CLIP_EMBEDDINGS,
+                                           train_data=MapOf(default_config()), train_weights=MapOf(None), **sections))
+    unknown = sorted(set(config.train_weights) - set(config.train_data))
+    if unknown:
+        raise ConfigError(f"train_weights names {unknown}, which are not train_data sources {list(config.train_data)}.")
+
+
+def train_weights(config) -> tuple[float, ...]:
+    """Sampling weight of each `train_data` source in order (): in proportion to size)."""
+    if not config.train_weights:
+        return ()
+    return tuple(float(config.train_weights.get(name, 0.0)) for name in config.train_data)
+
+
+def frozen_clip_run(config, variant, context: Mapping[str, Any], *, method: str, pred: str) -> ml_collections.ConfigDict:
+    """The trainer config of one run on the frozen CLIP: the variant's config, the base model, the
+    eval specs scoring view `pred` (on the stored eval embeddings when there are any), and
+    `config.data` from the one `train_data` source when pairs are not stored."""
+    run = ml_collections.ConfigDict(variant.to_dict())
+    run.task, run.method, run.clip_dir = "train", method, context["clip_dir"]
+    if not context["train_dirs"]:
+        if len(config.train_data) != 1:
+            raise ConfigError(f"training on pixels reads one source, but train_data names {list(config.train_data)}; "
+                              "keep one or set embeddings.train=True.")
+        run.data = next(iter(config.train_data.values()))
+    run.evals = ml_collections.ConfigDict({name: {**spec.to_dict(), "pred": pred}
+                                           for name, spec in context["evals"].items()})
+    return run
+
+
+def baseline(evals, model_dir: str, pred: str = "clip") -> dict[str, float]:
+    """The frozen model's metrics on `evals` (the view `pred` of a plain CLIP), once per experiment."""
+    from vlm_jax.evaluate import suite  # noqa: PLC0415
+    from vlm_jax.weights import load_pretrained  # noqa: PLC0415
+
+    pretrained = load_pretrained(model_dir)
+    specs = {name: {**spec.to_dict(), "pred": pred} for name, spec in evals.items()}
+    evaluators = suite.build_evaluators(specs, pretrained.preprocess, pretrained.tokenizer)
+    return suite.run_evaluators(evaluators, pretrained.model)
+
+
+def variant_configs(config, base: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+    """Each variant's config: `base` with its overrides; an override of a missing field is an error."""
+    if not config.variants:
+        raise ConfigError("config.variants is empty; name at least the method itself, e.g. variants.reco = {}.")
+    return {name: merged(base, overrides, f"variants.{name}") for name, overrides in config.variants.items()}
+
+
+def summarize(baseline_metrics: Mapping[str, float], runs: Mapping[str, Sequence[Mapping[str, float]]],
+              metrics: Sequence[str]) -> dict[str, float]:
+    """Flat results: "baseline/<metric>", "<variant>/<metric>" (mean over seeds), ".../std" (sample
+    std), ".../min", ".../max", ".../seed_<i>"."""
+    results = {f"baseline/{metric}": float(baseline_metrics[metric]) for metric in metrics}
+    for variant, variant_runs in runs.items():
+        for metric in metrics:
+            values = np.asarray([run[metric] for run in variant_runs], np.float64)
+            results[f"{variant}/{metric}"] = float(values.mean())
+            results[f"{variant}/{metric}/std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            results[f"{variant}/{metric}/min"] = float(values.min())
+            results[f"{variant}/{metric}/max"] = float(values.max())
+            for index, value in enumerate(values):
+                results[f"{variant}/{metric}/seed_{index}"] = float(value)
+    return results
+
+
+def format_table(results: Mapping[str, float], rows: Mapping[str, str], columns: Sequence[Sequence[str]],
+                 seeds: int) -> str:
+    """A plain-text table of `results` (percent; variant rows: mean ± std over seeds)."""
+    width = max(len(label) for label in rows.values()) + 2
+    lines = [" " * width + "".join(f"{label:>16}" for _, label in columns)]
+    for row, label in rows.items():
+        cells = []
+        for metric, _ in columns:
+            mean = 100 * results[f"{row}/{metric}"]
+            std = results.get(f"{row}/{metric}/std")
+            cells.append(f"{mean:>16.1f}" if std is None else f"{f'{mean:.1f} ± {100 * std:.1f}':>16}")
+        lines.append(f"{label:<{width}}" + "".join(cells))
+    lines.append(f"(in %; variant rows: mean ± sample std over {seeds} seed(s))")
+    return "\n".join(lines)
+
+
+def run_experiment(config, workdir: epath.PathLike, method, *, stages: Callable[[Stages], Mapping[str, Any]],
+                   run_config: Callable[[ml_collections.ConfigDict, Mapping[str, Any]], ml_collections.ConfigDict],
+                   baseline_metrics: Callable[[Mapping[str, Any]], Mapping[str, float]]) -> dict[str, float]:
+    """Runs the stages, the baseline once, every variant for `config.seeds` seeds; writes the table.
+
+    stages(Stages) -> context (paths the stages made); run_config(variant config, context) -> the
+    trainer config of one run; baseline_metrics(context) -> the frozen views' metrics.
+    """
+    from vlm_jax.train.trainer import train  # noqa: PLC0415
+
+    workdir = epath.Path(workdir)
+    if int(config.seeds) < 1:
+        raise ConfigError(f"config.seeds must be >= 1, got {config.seeds}.")
+    variants = variant_configs(config, config)
+    began, steps = time.perf_counter(), Stages()
+    try:
+        context = stages(steps)
+    except Preempted as stop:
+        logging.warning("%s", stop)
+        return {"preempted": 1.0}
+    configs = {name: run_config(variant, context) for name, variant in variants.items()}
+    metrics = [metric for metric, _ in config.table]
+    frozen = steps.run("baseline", lambda: dict(baseline_metrics(context)))
+    runs: dict[str, list[dict[str, float]]] = {}
+    for variant, variant_config in configs.items():
+        runs[variant] = []
+        for index in range(int(config.seeds)):
+            run_dir = workdir / "runs" / variant / f"seed_{index}"
+            if (run_dir / "results.json").exists():
+                runs[variant].append(json.loads((run_dir / "results.json").read_text()))
+                continue
+            run = ml_collections.ConfigDict(variant_config.to_dict())
+            run.seed = int(config.seed) + index
+            write_config(run_dir, run)
+            started = time.perf_counter()
+            result = train(run, run_dir, method)
+            if "preempted_at_step" in result:
+                logging.warning("Stopped during %s; rerun the same command to continue.", run_dir)
+                return result
+            result["time/run_s"] = time.perf_counter() - started
+            write_json(run_dir / "results.json", result)
+            runs[variant].append(result)
+            logging.info("%s seed %d: %s", variant, index, ", ".join(f"{m}={result[m]:.4f}" for m in metrics))
+    timings = {**steps.timings, "time/runs_s": float(sum(r.get("time/run_s", 0.0) for rs in runs.values() for r in rs)),
+               "time/total_s": time.perf_counter() - began}
+    results = {**summarize(frozen, runs, metrics), **timings}
+    labels = config.get("variant_labels") or {}
+    # The method itself (the variant that overrides nothing) first, its ablations under it.
+    order = sorted(runs, key=lambda variant: bool(config.variants[variant].to_dict()))
+    rows = {"baseline": str(config.get("baseline_label", "baseline")),
+            **{variant: str(labels.get(variant, variant)) for variant in order}}
+    table = format_table(results, rows, [tuple(column) for column in config.table], int(config.seeds))
+    print(table, flush=True)
+    (workdir / "results.txt").write_text(table + "\n" + json.dumps(timings, indent=1) + "\n")
+    write_json(workdir / "results.json", results)
+    return results
