@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from vlm_jax.models import CLIP, CLIPConfig, siglip_b16, tiny, vit_b16, vit_b32, vit_l14
+from vlm_jax.weights.hf_config import from_hf_config, to_hf_config
 
 LOGICAL_NAMES = {"embed", "mlp", "heads", "kv", "vocab", "patch", "proj", None}
 
@@ -151,7 +152,7 @@ def test_invalid_configs_list_every_problem():
 @pytest.mark.parametrize("preset", [vit_b32, vit_b16, vit_l14, siglip_b16])
 def test_presets_round_trip_through_hf_config(preset):
     config = preset()
-    assert CLIPConfig.from_hf_config(config.to_hf_config()) == config
+    assert from_hf_config(to_hf_config(config)) == config
 
 
 def test_presets_build_abstractly_with_expected_sizes():
@@ -163,3 +164,91 @@ def test_presets_build_abstractly_with_expected_sizes():
         counts[preset.__name__] = sum(int(np.prod(v.shape)) for v in leaves)
     # Parameter counts of openai/clip-vit-base-patch32 and -patch16 in transformers.
     assert counts == {"vit_b32": 151_277_313, "vit_b16": 149_620_737}
+
+
+def _block(**kwargs):
+    from vlm_jax.models.layers import Block
+
+    return Block(32, 4, 64, "gelu", eps=1e-5, rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_block_computes_only_the_requested_query_rows_with_the_same_values():
+    block = _block()
+    hidden = jax.random.normal(jax.random.key(0), (2, 6, 32))
+    key_mask = jnp.array([[True] * 6, [True, True, False, True, False, True]])
+    full = block(hidden, key_mask=key_mask, is_causal=True)
+    first = block(hidden, key_mask=key_mask, is_causal=True, num_queries=2)
+    assert first.shape == (2, 2, 32)
+    np.testing.assert_allclose(np.asarray(first), np.asarray(full[:, :2]), atol=1e-6)
+
+
+def test_block_cross_attention_ignores_masked_context_and_needs_a_context():
+    block = _block(cross_attention=True, context_width=16)
+    queries = jax.random.normal(jax.random.key(0), (2, 3, 32))
+    context = jax.random.normal(jax.random.key(1), (2, 5, 16))
+    context_mask = jnp.array([[True, True, False, True, False], [True] * 5])
+    reference = block(queries, context=context, context_mask=context_mask)
+    changed = jnp.where(context_mask[..., None], context, 1e3)
+    np.testing.assert_array_equal(np.asarray(block(queries, context=changed, context_mask=context_mask)),
+                                  np.asarray(reference))
+    assert not np.allclose(block(queries, context=context.at[1, 0].add(1.0))[1], reference[1])
+    with pytest.raises(ValueError, match="needs a context"):
+        block(queries)
+    with pytest.raises(ValueError, match="refuses it"):
+        _block()(queries, context=context)
+
+
+def test_block_dropout_runs_only_with_an_rng():
+    block = _block(dropout=0.5)
+    hidden = jax.random.normal(jax.random.key(0), (2, 4, 32))
+    np.testing.assert_array_equal(np.asarray(block(hidden)), np.asarray(block(hidden, rng=None)))
+    assert not np.allclose(block(hidden, rng=jax.random.key(1)), block(hidden))
+
+
+def _conv_stem_config(**vision):
+    base = tiny()
+    return base.replace(vision=dataclasses.replace(base.vision, stem="conv", stem_channels=(8, 16, 32), **vision))
+
+
+def test_conv_stem_keeps_the_token_grid_names_every_axis_and_round_trips_through_our_format(tmp_path, caplog):
+    import logging
+
+    from vlm_jax.weights import load_pretrained, save_pretrained
+
+    config = _conv_stem_config()
+    model = CLIP(config, rngs=nnx.Rngs(0))
+    pixels, ids = _inputs(config)
+    assert model.image_tokens(pixels).shape == (2, config.vision.num_patches, config.vision.width)
+    stage = model.vision_model.embeddings.stem[0]
+    assert stage.kernel.shape == (3, 3, 3, 8)
+    assert model.vision_model.embeddings.patch_embedding.kernel.shape == (32, config.vision.width)
+    # Each token sees its own 8x8 cell and, through the 3x3 overlaps, a few pixels of its neighbours.
+    far = pixels.at[:, 24:, 24:].add(5.0)
+    embeddings = model.vision_model.embeddings
+    tokens, moved = embeddings(pixels), embeddings(far)  # [B, 1 + 16, width], the class token first
+    assert np.allclose(tokens[:, 1], moved[:, 1], atol=1e-5) and not np.allclose(tokens[:, -1], moved[:, -1])
+
+    abstract = nnx.eval_shape(lambda: CLIP(config, rngs=nnx.Rngs(0)))
+    rules = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"),
+             ("proj", "tensor"), ("kv", None), ("patch", None))
+    for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        names = variable.get_metadata()["out_sharding"]
+        assert len(names) == len(variable.shape) and set(names) <= LOGICAL_NAMES, path
+    with nnx.logical_axis_rules(rules):
+        specs = nnx.get_partition_spec(nnx.state(abstract, nnx.Param))
+    assert tuple(specs["vision_model"]["embeddings"]["stem"][0]["kernel"].get_value()) == (None, None, None, "fsdp")
+
+    with caplog.at_level(logging.INFO):
+        save_pretrained(model, tmp_path)
+    assert "cannot represent vision.stem='conv'" in caplog.text
+    loaded = load_pretrained(tmp_path)
+    assert loaded.config == config
+    np.testing.assert_array_equal(np.asarray(loaded.model.encode_image(pixels)), np.asarray(model.encode_image(pixels)))
+    np.testing.assert_array_equal(np.asarray(loaded.model.encode_text(ids)), np.asarray(model.encode_text(ids)))
+
+
+def test_conv_stem_must_halve_the_image_down_to_the_patch_grid():
+    with pytest.raises(ValueError, match="log2"):
+        _conv_stem_config(patch_size=16)
+    with pytest.raises(ValueError, match="'patch' or 'conv'"):
+        dataclasses.replace(tiny().vision, stem="convolution")

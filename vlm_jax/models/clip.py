@@ -48,6 +48,12 @@ class VisionConfig:
     pooling: "cls" (class token, CLIP) or "map" (multihead attention pooling head, SigLIP).
     pre_norm: LayerNorm on the embedded tokens before the encoder (CLIP's ``pre_layrnorm``).
     patch_bias: whether the patch embedding has a bias (SigLIP: yes, CLIP: no).
+    stem: "patch" (patchify + linear, the transformers layout) or "conv" (Xiao et al. 2021: one
+      3x3 stride-2 conv, LayerNorm and activation per entry of ``stem_channels``, then the linear
+      ``patch_embedding`` as a 1x1 conv; 2**len(stem_channels) must equal patch_size, so the token
+      grid is the same; "Early convolutions help transformers see better"). transformers'
+      CLIPModel has no conv stem, so such a model saves in vlm_jax's own format.
+    stem_channels: output channels of the conv stem's stride-2 convolutions.
     """
 
     image_size: int = 224
@@ -61,6 +67,18 @@ class VisionConfig:
     pre_norm: bool = True
     patch_bias: bool = False
     layer_norm_eps: float = 1e-5
+    stem: str = "patch"
+    stem_channels: tuple[int, ...] = (32, 64, 128)
+
+    def __post_init__(self):
+        # ml_collections hands tuples back as lists; the config stays hashable and comparable.
+        object.__setattr__(self, "stem_channels", tuple(int(c) for c in self.stem_channels))
+        if self.stem not in ("patch", "conv"):
+            raise ValueError(f"vision.stem {self.stem!r} is not 'patch' or 'conv'")
+        if self.stem == "conv" and 2 ** len(self.stem_channels) != self.patch_size:
+            raise ValueError(f"vision.stem='conv' halves the image once per stem_channels entry, so "
+                             f"{len(self.stem_channels)} entries make {2 ** len(self.stem_channels)} px "
+                             f"tokens but patch_size is {self.patch_size}; give log2(patch_size) channels")
 
     @property
     def grid_size(self) -> int:
@@ -146,16 +164,6 @@ class CLIPConfig:
     def replace(self, **changes: Any) -> "CLIPConfig":
         return dataclasses.replace(self, **changes)
 
-    def to_hf_config(self) -> dict[str, Any]:
-        """The transformers config.json dict (CLIPModel or SiglipModel) for this config."""
-        return _to_hf_config(self)
-
-    @classmethod
-    def from_hf_config(cls, hf_config: dict[str, Any], **overrides: Any) -> "CLIPConfig":
-        """Reads a transformers CLIPModel / SiglipModel config.json dict; overrides set
-        fields transformers does not store (dtype, param_dtype, remat)."""
-        return _from_hf_config(hf_config, **overrides)
-
 
 def vit_b32(**overrides: Any) -> CLIPConfig:
     """OpenAI CLIP ViT-B/32 shapes (openai/clip-vit-base-patch32)."""
@@ -202,20 +210,56 @@ def tiny(kind: str = "clip", **overrides: Any) -> CLIPConfig:
     return CLIPConfig(vision=vision, text=text, embed_dim=32).replace(**overrides)
 
 
-class VisionEmbeddings(nnx.Module):
-    """Patchify + linear patch embedding, optional class token, learned positions.
+class ConvStage(nnx.Module):
+    """3x3 stride-2 convolution, LayerNorm over channels, activation.
 
-    patch_embedding.kernel: [patch*patch*3, width] over patches flattened in (row, col,
-    channel) order; position_embedding: [num_patches (+1 with a class token), width].
+    conv.kernel: [3, 3, in_channels, out_channels] (HWIO); conv.bias, norm: [out_channels].
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, act: str, *, eps: float, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.act = ACTIVATIONS[act]
+        self.kernel = partitioned_param(
+            rngs, nnx.initializers.variance_scaling(2.0, "fan_in", "truncated_normal", in_axis=(0, 1, 2),
+                                                    out_axis=3),
+            (3, 3, in_channels, out_channels), (None, None, "patch", "embed"), param_dtype)
+        self.bias = partitioned_param(rngs, nnx.initializers.zeros, (out_channels,), ("embed",), param_dtype)
+        self.norm = LayerNorm(out_channels, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, features: jax.Array) -> jax.Array:
+        """features [B, H, W, in_channels] -> [B, H/2, W/2, out_channels]."""
+        outputs = jax.lax.conv_general_dilated(
+            features.astype(self.dtype), self.kernel[...].astype(self.dtype), window_strides=(2, 2),
+            padding=((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return self.act(self.norm(outputs + self.bias[...].astype(self.dtype)))
+
+
+class VisionEmbeddings(nnx.Module):
+    """Image -> tokens (patchify or a conv stem), optional class token, learned positions.
+
+    stem="patch": patch_embedding.kernel [patch*patch*3, width] over patches flattened in
+    (row, col, channel) order. stem="conv": stem.<i> (``ConvStage``) down to the token grid, then
+    patch_embedding.kernel [stem_channels[-1], width] per grid cell. position_embedding:
+    [num_patches (+1 with a class token), width].
     """
 
     def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.config = config
         self.dtype = dtype
         width = config.width
-        patch_dim = config.patch_size * config.patch_size * 3
+        if config.stem == "conv":
+            channels = (3, *config.stem_channels)
+            self.stem = nnx.List([
+                ConvStage(c_in, c_out, config.act, eps=config.layer_norm_eps, dtype=dtype,
+                          param_dtype=param_dtype, rngs=rngs)
+                for c_in, c_out in zip(channels[:-1], channels[1:])])
+            token_dim = channels[-1]
+        else:
+            self.stem = None
+            token_dim = config.patch_size * config.patch_size * 3
         self.patch_embedding = Dense(
-            patch_dim, width, ("patch", "embed"), use_bias=config.patch_bias,
+            token_dim, width, ("patch", "embed"), use_bias=config.patch_bias,
             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         num_positions = config.num_patches
         if config.pooling == "cls":
@@ -234,8 +278,14 @@ class VisionEmbeddings(nnx.Module):
             raise ValueError(f"expected images [B, {config.image_size}, {config.image_size}, 3], "
                              f"got {pixels.shape}")
         grid, patch = config.grid_size, config.patch_size
-        patches = pixels.reshape(batch, grid, patch, grid, patch, 3).transpose(0, 1, 3, 2, 4, 5)
-        tokens = self.patch_embedding(patches.reshape(batch, grid * grid, patch * patch * 3))
+        if self.stem is not None:
+            features = pixels
+            for stage in self.stem:
+                features = stage(features)
+            tokens = self.patch_embedding(features.reshape(batch, grid * grid, features.shape[-1]))
+        else:
+            patches = pixels.reshape(batch, grid, patch, grid, patch, 3).transpose(0, 1, 3, 2, 4, 5)
+            tokens = self.patch_embedding(patches.reshape(batch, grid * grid, patch * patch * 3))
         if config.pooling == "cls":
             class_token = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype),
                                            (batch, 1, config.width))
@@ -398,137 +448,3 @@ class CLIP(nnx.Module):
             pooled = self.text_projection(pooled)
         return pooled.astype(jnp.float32)
 
-
-# ---------------------------------------------------------------------------------------------
-# transformers config.json conversion
-
-_HF_ACT_NAMES = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
-                 "gelu_new": "gelu_tanh", "gelu_python_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
-_ACT_TO_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
-
-# Defaults of transformers 5.x config classes, used where a config.json omits a field.
-_HF_DEFAULTS = {
-    "clip": {
-        "text": dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                     num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
-                     layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=49406, eos_token_id=49407),
-        "vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                       num_attention_heads=12, image_size=224, patch_size=32, hidden_act="quick_gelu",
-                       layer_norm_eps=1e-5, num_channels=3),
-    },
-    "siglip": {
-        "text": dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                     num_attention_heads=12, max_position_embeddings=64,
-                     hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, pad_token_id=1,
-                     bos_token_id=49406, eos_token_id=49407),
-        "vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                       num_attention_heads=12, image_size=224, patch_size=16,
-                       hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, num_channels=3,
-                       vision_use_head=True),
-    },
-}
-
-
-def _single_int(value: Any, field: str) -> int:
-    if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
-            raise ValueError(f"{field}={value}: only square images/patches are supported")
-        value = value[0]
-    return int(value)
-
-
-def _hf_act(name: str, field: str) -> str:
-    if name not in _HF_ACT_NAMES:
-        raise ValueError(f"{field}={name!r} is not supported; expected one of {sorted(_HF_ACT_NAMES)}")
-    return _HF_ACT_NAMES[name]
-
-
-def _from_hf_config(hf_config: dict[str, Any], **overrides: Any) -> CLIPConfig:
-    model_type = hf_config.get("model_type")
-    if model_type not in ("clip", "siglip"):
-        raise ValueError(f"config.json model_type is {model_type!r}; expected 'clip' or 'siglip' "
-                         "(a CLIPModel or SiglipModel checkpoint)")
-    defaults = _HF_DEFAULTS[model_type]
-    # Old CLIP configs carry the real values in text_config_dict / vision_config_dict.
-    text = {**defaults["text"], **(hf_config.get("text_config") or {}),
-            **(hf_config.get("text_config_dict") or {})}
-    vision = {**defaults["vision"], **(hf_config.get("vision_config") or {}),
-              **(hf_config.get("vision_config_dict") or {})}
-    if int(vision.get("num_channels", 3)) != 3:
-        raise ValueError(f"vision_config.num_channels={vision['num_channels']}; only RGB (3) is supported")
-    eos = text["eos_token_id"]
-    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-    siglip = model_type == "siglip"
-    if siglip and not vision.get("vision_use_head", True):
-        raise ValueError("SigLIP vision_config.vision_use_head=False has no pooled image embedding; "
-                         "only checkpoints with the attention pooling head are supported")
-    vision_config = VisionConfig(
-        image_size=_single_int(vision["image_size"], "vision_config.image_size"),
-        patch_size=_single_int(vision["patch_size"], "vision_config.patch_size"),
-        width=vision["hidden_size"], depth=vision["num_hidden_layers"],
-        heads=vision["num_attention_heads"], mlp_dim=vision["intermediate_size"],
-        act=_hf_act(vision["hidden_act"], "vision_config.hidden_act"),
-        pooling="map" if siglip else "cls", pre_norm=not siglip, patch_bias=siglip,
-        layer_norm_eps=float(vision["layer_norm_eps"]))
-    text_config = TextConfig(
-        vocab_size=text["vocab_size"], context_length=text["max_position_embeddings"],
-        width=text["hidden_size"], depth=text["num_hidden_layers"], heads=text["num_attention_heads"],
-        mlp_dim=text["intermediate_size"], act=_hf_act(text["hidden_act"], "text_config.hidden_act"),
-        causal=not siglip, pooling="last" if siglip else "eot", eos_token_id=int(eos),
-        pad_token_id=text["pad_token_id"], bos_token_id=text["bos_token_id"],
-        layer_norm_eps=float(text["layer_norm_eps"]))
-    if siglip:
-        projection = text.get("projection_size") or text_config.width
-        fields = dict(embed_dim=projection, kind="siglip", logit_scale_init=math.log(10.0),
-                      logit_bias_init=-10.0)
-    else:
-        fields = dict(embed_dim=hf_config.get("projection_dim", 512), kind="clip",
-                      logit_scale_init=hf_config.get("logit_scale_init_value", 2.6592),
-                      logit_bias_init=None)
-    return CLIPConfig(vision=vision_config, text=text_config, **{**fields, **overrides})
-
-
-def _to_hf_config(config: CLIPConfig) -> dict[str, Any]:
-    siglip = config.kind == "siglip"
-    vision, text = config.vision, config.text
-    expected = {
-        "vision.pooling": (vision.pooling, "map" if siglip else "cls"),
-        "vision.pre_norm": (vision.pre_norm, not siglip),
-        "vision.patch_bias": (vision.patch_bias, siglip),
-        "text.causal": (text.causal, not siglip),
-        "text.pooling": (text.pooling, "last" if siglip else "eot"),
-    }
-    mismatched = [f"{name}={found!r} (needs {want!r})" for name, (found, want) in expected.items()
-                  if found != want]
-    if mismatched:
-        model = "SiglipModel" if siglip else "CLIPModel"
-        raise ValueError(f"this config has no transformers {model} equivalent: " + ", ".join(mismatched))
-    text_hf = {
-        "vocab_size": text.vocab_size, "hidden_size": text.width, "intermediate_size": text.mlp_dim,
-        "num_hidden_layers": text.depth, "num_attention_heads": text.heads,
-        "max_position_embeddings": text.context_length, "hidden_act": _ACT_TO_HF[text.act],
-        "layer_norm_eps": text.layer_norm_eps, "pad_token_id": text.pad_token_id,
-        "bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id,
-    }
-    vision_hf = {
-        "hidden_size": vision.width, "intermediate_size": vision.mlp_dim,
-        "num_hidden_layers": vision.depth, "num_attention_heads": vision.heads, "num_channels": 3,
-        "image_size": vision.image_size, "patch_size": vision.patch_size,
-        "hidden_act": _ACT_TO_HF[vision.act], "layer_norm_eps": vision.layer_norm_eps,
-    }
-    dtype = str(jnp.dtype(config.param_dtype))
-    if siglip:
-        return {
-            "architectures": ["SiglipModel"], "model_type": "siglip", "dtype": dtype,
-            "text_config": {"model_type": "siglip_text_model", **text_hf,
-                            "projection_size": config.embed_dim},
-            "vision_config": {"model_type": "siglip_vision_model", **vision_hf,
-                              "vision_use_head": True},
-        }
-    return {
-        "architectures": ["CLIPModel"], "model_type": "clip", "dtype": dtype,
-        "projection_dim": config.embed_dim, "logit_scale_init_value": config.logit_scale_init,
-        "text_config": {"model_type": "clip_text_model", **text_hf, "projection_dim": config.embed_dim},
-        "vision_config": {"model_type": "clip_vision_model", **vision_hf,
-                          "projection_dim": config.embed_dim},
-    }
