@@ -9,7 +9,7 @@
     python -m vlm_jax.main --config=experiments/reco.py:cc12m_b32,backend=scann ...   # memory on the host
 
 What runs (`vlm_jax.methods.reco.reco_task` on the shared runner, each stage resumable): the frozen CLIP (clip_dir, or the
-Shapes World CLIP of experiments/clip.py trained into <workdir>/clip on first use), the memory
+Shapes World CLIP of experiments/clip.py, trained once into the shared cache and reused), the memory
 embedded into <workdir>/memory, the training pairs and eval sets embedded once, then the fusion
 trained by the shared trainer for every variant (RECO, cross-modal search, mean fusion) and seed,
 and a table of CLIP vs each variant (mean ± std over seeds) printed and written to results.json.
@@ -51,10 +51,12 @@ def _sibling(name: str):
 def _common(config: ml_collections.ConfigDict) -> None:
     config.method = "reco"  # vlm_jax.methods.reco.RecoMethod, trained by the shared trainer
     config.dtype = "float32"  # compute dtype of the fusion (RecoMethod)
-    # Frozen CLIP: a Hugging Face CLIP/SigLIP directory. "" with clip_config set: train the base CLIP
-    # with that experiment into <workdir>/clip first (skipped once <workdir>/clip/export exists).
+    # Frozen CLIP: a Hugging Face CLIP/SigLIP directory. "" with clip_config set: the base CLIP that
+    # experiment trains, built once per resolved config in the cache (cache_dir) and reused.
     config.clip_dir = ""
     config.clip_config = ""
+    # Where the base CLIP of clip_config is trained once and reused ("": $VLM_JAX_CACHE, else ~/.cache/vlm_jax).
+    config.cache_dir = ""
     config.seeds = 3  # fusion runs per variant, seeds seed, seed + 1, ...
     # Variants trained and evaluated side by side: nested overrides of this config (checked field by field).
     config.variants = ml_collections.ConfigDict({

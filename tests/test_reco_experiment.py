@@ -310,7 +310,7 @@ def _memory_files(directory: pathlib.Path) -> dict[str, int]:
 def test_smoke_run_writes_the_table_and_a_rerun_resumes_the_memory_build(tmp_path):
     command = [sys.executable, "-m", "vlm_jax.main", "--config=experiments/reco.py:shapes,smoke=True",
                f"--workdir={tmp_path}"]
-    environment = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    environment = {**os.environ, "JAX_PLATFORMS": "cpu", "VLM_JAX_CACHE": str(tmp_path / "cache")}
     first = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=1200)
     assert first.returncode == 0, first.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -324,7 +324,9 @@ def test_smoke_run_writes_the_table_and_a_rerun_resumes_the_memory_build(tmp_pat
         assert label in first.stdout
     assert {"time/clip_s", "time/memory_s", "time/train_embeddings_s", "time/eval_embeddings_s",
             "time/baseline_s", "time/runs_s", "time/total_s"} <= set(results)
-    assert (tmp_path / "config.json").exists() and (tmp_path / "clip" / "config.json").exists()
+    # The base CLIP is trained once into the cache, with its resolved config beside it.
+    assert (tmp_path / "config.json").exists() and len(list((tmp_path / "cache").glob("*/COMPLETE.json"))) == 1
+    assert len(list((tmp_path / "cache").glob("*/config.json"))) == 1
     for variant in config.variants:
         run_dir = tmp_path / "runs" / variant / "seed_0"
         run = json.loads((run_dir / "config.json").read_text())
@@ -340,6 +342,7 @@ def test_smoke_run_writes_the_table_and_a_rerun_resumes_the_memory_build(tmp_pat
     embeddings_before = _memory_files(tmp_path / "train_embeddings")
     second = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=1200)
     assert second.returncode == 0, second.stderr[-3000:]
+    assert "reusing cached base model at" in second.stderr
     after = _memory_files(memory)
     unchanged = {name for name in before if before[name] == after.get(name)}
     assert {name for name in before if not name.startswith(last)} <= unchanged

@@ -4,7 +4,7 @@
 
 1. Stages (`Stages.run`): named, timed steps whose outputs stay on disk, so a rerun skips what is
    done (the base model, a memory, stored embeddings). Shared ones live here: `base_model_dir`
-   trains the base CLIP by calling the trainer, `build_memory_stage` and `store_evals` embed a
+   trains the base CLIP by calling the trainer, once per config in the shared cache, `build_memory_stage` and `store_evals` embed a
    corpus and the eval sets with a frozen model.
 2. The frozen baseline (`baseline`): views that do not change across variants (the frozen CLIP)
    are evaluated once per experiment, not once per run.
@@ -31,7 +31,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from vlm_jax.config_lib import ConfigError, MapOf, check_fields, load_config_file, merged, require_path
+from vlm_jax.config_lib import (ConfigError, MapOf, check_fields, experiment_module, load_config_file, merged,
+                                require_path)
 
 
 def experiment_schema(**sections: Any) -> dict[str, Any]:
@@ -43,7 +44,7 @@ def experiment_schema(**sections: Any) -> dict[str, Any]:
 
     # A plain dict: a ConfigDict would refuse a MapOf where the trainer's config has a section.
     schema = dict(trainer_config().items())
-    schema.update(preset="", data_dir="", clip_dir="", clip_config="", dtype="float32", seeds=1,
+    schema.update(preset="", data_dir="", clip_dir="", clip_config="", cache_dir="", dtype="float32", seeds=1,
                   baseline_label="", table=(), data=default_config())
     for name, value in {"variants": MapOf(None), "variant_labels": MapOf(None), "evals": MapOf(eval_spec()),
                         **sections}.items():
@@ -78,31 +79,38 @@ class Stages:
 
 
 def base_model_dir(config, workdir: epath.Path) -> str:
-    """The frozen base model: `config.clip_dir` when set, else the experiment `config.clip_config`
-    names, trained by the trainer into `<workdir>/clip` (resumed if interrupted) and exported."""
+    """The frozen base model: `config.clip_dir` when set, else the CLIP that the experiment
+    `config.clip_config` names trains, built once per resolved config and dataset version in the
+    shared cache (`vlm_jax.train.cache`, root `config.cache_dir` or the user's cache directory):
+    a second experiment, or another method, reuses it; an interrupted build resumes."""
+    del workdir  # the base model lives in the cache, shared by every experiment that names it
     if config.clip_dir:
         return str(require_path(config.clip_dir, "the frozen CLIP directory", field="clip_dir"))
     if not config.clip_config:
         raise ConfigError("neither clip_dir nor clip_config is set; pass --config.clip_dir=DIR (a CLIP in the "
                           "Hugging Face format) or name an experiment that trains one.")
     from vlm_jax.methods.clip import ClipMethod  # noqa: PLC0415
+    from vlm_jax.train.cache import cached_run  # noqa: PLC0415
     from vlm_jax.train.trainer import train  # noqa: PLC0415
 
+    module = experiment_module(config.clip_config.partition(":")[0])
     base = load_config_file(config.clip_config)
     if base.get("method") != "clip":
         raise ConfigError(f"clip_config {config.clip_config!r} trains method {base.get('method')!r}; the base model "
                           "must be a plain CLIP (method 'clip').")
     if "data_dir" in base and config.get("data_dir") is not None:
         base.data_dir = config.data_dir
-    directory = workdir / "clip"
-    export = directory / "export"
-    if not (export / "config.json").exists():
+
+    def build(directory):
         logging.info("Training the base model (%s) into %s.", config.clip_config, directory)
         write_config(directory, base)
         metrics = train(base, directory, ClipMethod())
         if "preempted_at_step" in metrics:
             raise Preempted(f"stopped while training the base model in {directory}; rerun the same command.")
-    return str(export)
+
+    version = module.dataset_version(base) if hasattr(module, "dataset_version") else ""
+    directory = cached_run(base, build, root=config.get("cache_dir") or None, dataset_version=version)
+    return str(directory / "export")
 
 
 class Preempted(Exception):

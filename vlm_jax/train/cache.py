@@ -1,0 +1,130 @@
+"""Build once, share everywhere: a run directory keyed by the resolved config that builds it.
+
+    directory = cached_run(config, lambda d: train(config, workdir=d), dataset_version="shapes_world/default:1.0.0")
+
+The key is a hash of the resolved config (JSON, sorted keys) and the dataset version, so any change
+to either names a new directory under the cache root (`$VLM_JAX_CACHE`, else `$XDG_CACHE_HOME/vlm_jax`,
+else `~/.cache/vlm_jax`). An exclusive `fcntl` lock per key serializes builders: a second caller
+waits for the first, then finds the completion marker and reuses the result. A build that dies
+(SIGKILL, preemption, an exception) leaves its directory without the marker; the next call runs
+`build` again in the same directory, which resumes when the builder does (the trainer resumes from
+the checkpoints in its workdir). The marker, `COMPLETE.json`, holds the key material.
+
+fcntl locks are advisory and per host: a cache root shared between machines needs a file system
+whose locks reach every host (local disks and NFSv4 do; most object stores do not).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import pathlib
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from absl import logging
+
+MARKER = "COMPLETE.json"
+KEY_FILE = "key.json"
+
+
+def default_root() -> pathlib.Path:
+    """`$VLM_JAX_CACHE`, else `$XDG_CACHE_HOME/vlm_jax`, else `~/.cache/vlm_jax`."""
+    if os.environ.get("VLM_JAX_CACHE"):
+        return pathlib.Path(os.environ["VLM_JAX_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "vlm_jax"
+
+
+def key_material(config: Any, dataset_version: str) -> dict[str, Any]:
+    """What the key hashes: the resolved config as plain JSON data and the dataset version."""
+    resolved = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    # A JSON round trip turns tuples into lists and leaves only what the hash sees.
+    resolved = json.loads(json.dumps(resolved, sort_keys=True, default=str))
+    return {"config": resolved, "dataset_version": str(dataset_version)}
+
+
+def cache_key(config: Any, dataset_version: str) -> str:
+    """16 hex digits of the sha256 of `key_material` as sorted JSON."""
+    text = json.dumps(key_material(config, dataset_version), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _write_json(path: pathlib.Path, value: Mapping[str, Any]) -> None:
+    # Written to a temporary name and renamed, so a reader never sees half a marker.
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
+    os.replace(partial, path)
+
+
+def _lock(path: pathlib.Path, timeout: float):
+    """An open file holding an exclusive flock on `path`; TimeoutError after `timeout` seconds."""
+    handle = open(path, "a+")  # noqa: SIM115 - closed by the caller, which holds the lock until then
+    deadline = time.monotonic() + timeout
+    announced = False
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                handle.close()
+                raise TimeoutError(
+                    f"waited {timeout:.0f} s for the lock {path} held by another build of the same run; "
+                    "wait for it to finish, or remove the lock file if no such process is alive."
+                ) from None
+            if not announced:
+                logging.info("Another process is building %s; waiting for it.", path.with_suffix(""))
+                announced = True
+            time.sleep(0.2)
+
+
+def cached_run(
+    config: Any,
+    build: Callable[[pathlib.Path], Any],
+    *,
+    root: str | os.PathLike | None = None,
+    dataset_version: str = "",
+    lock_timeout: float = 6 * 3600.0,
+) -> pathlib.Path:
+    """The directory of the completed run of `config`, running `build(directory)` only if needed.
+
+    Args:
+      config: the resolved config (an ml_collections ConfigDict or a mapping of JSON-able values).
+      build: called with the run directory (created, maybe holding an unfinished earlier build) and
+        expected to leave a finished run there; its return value is ignored.
+      root: cache root (default `default_root()`).
+      dataset_version: names the data the run reads, so rebuilt data gets a new directory.
+      lock_timeout: seconds to wait for another process building the same key.
+    Returns:
+      <root>/<cache_key>, holding COMPLETE.json.
+    """
+    root = pathlib.Path(root).expanduser() if root is not None else default_root()
+    root.mkdir(parents=True, exist_ok=True)
+    key = cache_key(config, dataset_version)
+    directory = root / key
+    if (directory / MARKER).exists():
+        logging.info("reusing cached base model at %s", directory)
+        return directory
+    handle = _lock(root / f"{key}.lock", lock_timeout)
+    try:
+        if (directory / MARKER).exists():  # another process finished it while this one waited
+            logging.info("reusing cached base model at %s", directory)
+            return directory
+        material = key_material(config, dataset_version)
+        if directory.exists():
+            logging.info("resuming the unfinished cached build at %s", directory)
+        else:
+            logging.info("building the cached run at %s", directory)
+            directory.mkdir()
+            _write_json(directory / KEY_FILE, material)
+        started = time.time()
+        build(directory)
+        _write_json(directory / MARKER, {**material, "key": key, "build_seconds": time.time() - started,
+                                         "completed": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        return directory
+    finally:
+        handle.close()
