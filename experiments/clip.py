@@ -5,7 +5,7 @@
     python -m vlm_jax.main --config=experiments/clip.py:cc12m_b16 \\
         --config.data.paths='/data/cc12m/*.array_record' --config.tokenizer_dir=/ckpt/clip-vit-base-patch16 \\
         --config.data_dir=/data/tfds
-    python -m vlm_jax.main --config=experiments/clip.py:lit_b16 --config.init_from=/ckpt/clip-vit-base-patch16 ...
+    python -m vlm_jax.main --config=experiments/clip.py:lit_b16 --config.clip_dir=/ckpt/clip-vit-base-patch16 ...
 
 Presets:
   shapes (default): a small CLIP trained from scratch on Shapes World's `pretrain` split with its
@@ -18,7 +18,7 @@ Presets:
   cc3m_b16, cc12m_b16: ViT-B/16 CLIP from scratch on an ArrayRecord corpus written by
     `vlm_jax.data.corpora` (field "caption"), bfloat16 compute with float32 master weights, FSDP
     mesh, AdamW with warmup + cosine; zero-shot ImageNet and RECO's datasets during training.
-  lit_b16: LiT (locked-image tuning): the image tower of `init_from` is frozen through the
+  lit_b16: LiT (locked-image tuning): the image tower of `clip_dir` is frozen through the
     `optim.trainable` policy and a text tower is trained against it.
 Options: smoke=True (a tiny model, `shapes_world/test`, a handful of steps).
 
@@ -58,7 +58,10 @@ def _shapes(config: ml_collections.ConfigDict, smoke: bool) -> None:
     # captions are under 20 tokens; dense captions of 3-4 objects are cut for retrieval). Measured on
     # this data (README, Results): 8 px patches double the step time of 16 px ones (~0.3 s vs ~0.15 s
     # on 2 idle cores) and double zero-shot top-1 (common entities 22.9% vs 11.7%); image neighbours
-    # then share their query's pattern 89% of the time (16 px: 49%). Shape is what neither resolves.
+    # then share their query's pattern 89% of the time (16 px: 49%). Shape is what neither resolves
+    # (linear probe 0.17, chance 0.125; benchmarks/attribute_probe.py). `--config.model.vision.stem=conv`
+    # (three 3x3 stride-2 convs to the same 8x8 grid, no HF export) measured no better on shape after
+    # 400 and 500 steps (0.17, 0.16; RESULTS.md, attribute_probe), so the HF-exportable patchify stays.
     if smoke:
         model = clip_models.tiny(text=dataclasses.replace(clip_models.tiny().text, context_length=CONTEXT_LENGTH))
     else:
@@ -135,6 +138,18 @@ def _web_corpus(config: ml_collections.ConfigDict, *, examples: int, smoke: bool
     })
 
 
+def dataset_version(config: ml_collections.ConfigDict) -> str:
+    """Names the training data of a run of `config`, for the base-model cache key
+    (`vlm_jax.train.cache.cached_run`): Shapes World's build and generator version, else the TFDS
+    name or the corpus paths."""
+    data = config.data
+    if data.get("source") == "tfds" and str(data.get("tfds_name") or "").startswith("shapes_world"):
+        from vlm_jax.data.shapes_world import world
+
+        return f"{data.tfds_name}@generator-{world.GENERATOR_VERSION}"
+    return str(data.get("tfds_name") or data.get("paths") or "")
+
+
 def get_config(arg=None):
     arg = config_lib.parse_arg(arg, presets=PRESETS, default="shapes", smoke=False)
     config = trainer_config()
@@ -143,7 +158,7 @@ def get_config(arg=None):
     config.seed = 0
     # TFDS data_dir for the training data (Shapes World is built there on first use) and the evals.
     config.data_dir = ml_collections.FieldReference(None, field_type=str)
-    config.init_from = ""  # Hugging Face CLIP/SigLIP directory to start from ("": from scratch)
+    config.clip_dir = ""  # Hugging Face CLIP/SigLIP directory to start from ("": from scratch)
     config.loss = "softmax"  # "softmax" (CLIP) | "sigmoid" (SigLIP; needs model.kind="siglip")
     config.label_smoothing = 0.0
     # Shapes World: chance of the "a photo of a <name>." rewrite of a weak caption that names its main
@@ -156,7 +171,7 @@ def get_config(arg=None):
         _web_corpus(config, examples=3_000_000 if arg.preset == "cc3m_b16" else 12_000_000, smoke=arg.smoke)
     else:
         _web_corpus(config, examples=12_000_000, smoke=arg.smoke)
-        config.init_from = ""  # required: a pretrained CLIP whose image tower is locked
+        config.clip_dir = ""  # required: a pretrained CLIP whose image tower is locked
         config.optim.trainable = ((r"^vision_model/", False), (r"^visual_projection/", False), (r".*", True))
         config.total_steps = 10 if arg.smoke else 20_000
         config.data.augment = "none"  # a locked tower sees its pretraining preprocessing

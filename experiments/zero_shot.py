@@ -3,8 +3,8 @@
     python -m vlm_jax.main --config=experiments/zero_shot.py                 # Shapes World, the CLIP
                                                                             # that experiments/clip.py exports
     python -m vlm_jax.main --config=experiments/zero_shot.py:cars \\
-        --config.model_dir=/ckpt/clip-vit-base-patch32 --config.data_dir=/data/tfds
-    python -m vlm_jax.main --config=experiments/zero_shot.py:suite --config.model_dir=...   # RECO's table
+        --config.clip_dir=/ckpt/clip-vit-base-patch32 --config.data_dir=/data/tfds
+    python -m vlm_jax.main --config=experiments/zero_shot.py:suite --config.clip_dir=...   # RECO's table
 
 Presets: shapes (default), or any registry dataset name, or suite (the datasets RECO reports).
 Options: smoke=True evaluates the tiny `shapes_world/test` build (CI-sized).
@@ -22,13 +22,23 @@ REAL = ("imagenet1k", "caltech101", "pets", "cars", "flowers", "food101", "fgvc_
 
 
 def shapes_evals(*, smoke: bool, data_dir=None) -> ml_collections.ConfigDict:
-    """Shapes World zero-shot (all / common / rare / novel) and retrieval evaluators."""
+    """Shapes World zero-shot (all / common / rare / novel) by entity name and by description, and retrieval.
+
+    "shapes" builds the classifier from entity names ("a photo of a zorvid."); "shapes_by_description"
+    from each entity's attributes ("a photo of a striped red star."), which needs no name, so its
+    `top1_novel` is the zero-shot accuracy on novel entities (never named in pre-training or memory)
+    and says whether the text tower binds pattern, colour and shape into one embedding.
+    """
     tfds_name = "shapes_world/test" if smoke else "shapes_world/default"
     data = dict(source="tfds", tfds_name=tfds_name, data_dir=data_dir, download=True)
     return ml_collections.ConfigDict(
         {
             "shapes": eval_spec(
                 type="zero_shot", classes="shapes_world", subsets="frequency", batch_size=256,
+                data=dict(data, split="eval_classification"),
+            ),
+            "shapes_by_description": eval_spec(
+                type="zero_shot", classes="shapes_world_descriptions", subsets="frequency", batch_size=256,
                 data=dict(data, split="eval_classification"),
             ),
             "shapes_retrieval": eval_spec(
@@ -47,10 +57,10 @@ def get_config(arg=None):
     config.dtype = "float32"
     config.data_dir = ml_collections.FieldReference(None, field_type=str)
     if arg.preset == "shapes":
-        config.model_dir = "workdirs/clip/export"
+        config.clip_dir = "workdirs/clip/export"
         config.evals = shapes_evals(smoke=arg.smoke, data_dir=config.get_ref("data_dir"))
         return config
-    config.model_dir = ""
+    config.clip_dir = ""
     names = RECO_SUITE if arg.preset == "suite" else (arg.preset,)
     config.evals = ml_collections.ConfigDict(
         {name: eval_spec(type="zero_shot", data=dict(dataset=name, data_dir=config.get_ref("data_dir"))) for name in names}

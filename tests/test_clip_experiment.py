@@ -70,6 +70,7 @@ def test_smoke_preset_trains_end_to_end_and_exports_for_load_pretrained_and_tran
 
     results = json.loads((workdir / "results.json").read_text())
     for key in ("shapes/top1", "shapes/top1_common", "shapes/top1_rare", "shapes/top1_novel",
+                "shapes_by_description/top1_novel", "shapes_by_description/top1_common",
                 "shapes_retrieval/image_retrieval_recall@1", "shapes_retrieval/text_retrieval_recall@1",
                 "train/loss", "train/steps_per_sec", "train/step"):
         assert key in results, key
@@ -94,3 +95,11 @@ def test_smoke_preset_trains_end_to_end_and_exports_for_load_pretrained_and_tran
     theirs_image = getattr(theirs_image, "pooler_output", theirs_image)
     np.testing.assert_allclose(ours_text, theirs_text.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(ours_image, theirs_image.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_dataset_version_names_the_shapes_world_build_and_generator():
+    experiment = _experiment()
+    from vlm_jax.data.shapes_world import world
+
+    assert experiment.dataset_version(experiment.get_config("shapes")) == f"shapes_world/default@generator-{world.GENERATOR_VERSION}"
+    assert experiment.dataset_version(experiment.get_config("shapes,smoke=True")).startswith("shapes_world/test@")

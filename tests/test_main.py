@@ -75,11 +75,11 @@ def test_misspelt_override_is_a_one_line_error(tmp_path):
 
 
 def test_missing_model_dir_is_a_one_line_error(tmp_path):
-    result = run_main("--config=experiments/zero_shot.py:cars", f"--config.model_dir={tmp_path}/nope",
+    result = run_main("--config=experiments/zero_shot.py:cars", f"--config.clip_dir={tmp_path}/nope",
                       f"--workdir={tmp_path}")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: the pretrained model directory '{tmp_path}/nope' does not exist; fix --config.model_dir."
+        f"error: the pretrained CLIP directory '{tmp_path}/nope' does not exist; fix --config.clip_dir."
     )
 
 
@@ -110,7 +110,7 @@ def test_zero_shot_eval_task_writes_results_for_shapes_world(tmp_path):
     preprocess = PreprocessSpec.clip(image_size=32)
     save_pretrained(model, model_dir, tokenizer=tokenizer, preprocess=preprocess)
 
-    result = run_main("--config=experiments/zero_shot.py:shapes,smoke=True", f"--config.model_dir={model_dir}",
+    result = run_main("--config=experiments/zero_shot.py:shapes,smoke=True", f"--config.clip_dir={model_dir}",
                       f"--config.data_dir={data_dir}", f"--workdir={tmp_path / 'work'}")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "work" / "results.json").read_text())
@@ -119,7 +119,7 @@ def test_zero_shot_eval_task_writes_results_for_shapes_world(tmp_path):
                      "shapes_retrieval/text_retrieval_recall@10"}
     assert expected_keys <= set(metrics)
     resolved = json.loads((tmp_path / "work" / "config.json").read_text())
-    assert resolved["model_dir"] == str(model_dir)
+    assert resolved["clip_dir"] == str(model_dir)
 
     evals = zero_shot.get_config("shapes,smoke=True")
     evals.data_dir = str(data_dir)

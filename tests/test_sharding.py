@@ -272,6 +272,6 @@ def test_trainer_places_from_the_host_exactly_when_the_method_reads_weights():
     from vlm_jax.methods.clip import ClipMethod
     from vlm_jax.methods.reco import RecoMethod
 
-    assert ClipMethod().reads_weights({"init_from": "/ckpt/clip"})
-    assert not ClipMethod().reads_weights({"init_from": ""})
+    assert ClipMethod().reads_weights({"clip_dir": "/ckpt/clip"})
+    assert not ClipMethod().reads_weights({"clip_dir": ""})
     assert RecoMethod().reads_weights({})

@@ -81,7 +81,7 @@ def array_config(**overrides):
     config = trainer.trainer_config()
     config.method = "clip"
     config.model = model_config_dict(tiny())
-    config.init_from = ""
+    config.clip_dir = ""
     config.loss = "softmax"
     config.label_smoothing = 0.0
     config.global_batch_size = 16

@@ -17,10 +17,10 @@ def write_results(workdir: epath.Path, metrics: dict[str, float]) -> None:
 
 
 def zero_shot_eval(config, workdir: epath.Path) -> dict[str, float]:
-    """Loads `config.model_dir` (a Hugging Face CLIP/SigLIP directory) and runs `config.evals` on it."""
+    """Loads `config.clip_dir` (a Hugging Face CLIP/SigLIP directory) and runs `config.evals` on it."""
     from vlm_jax.weights import load_pretrained  # noqa: PLC0415 - keeps `main --help` fast
 
-    model_dir = require_path(config.model_dir, "the pretrained model directory", field="model_dir")
+    model_dir = require_path(config.clip_dir, "the pretrained CLIP directory", field="clip_dir")
     pretrained = load_pretrained(model_dir, dtype=config.dtype)
     if pretrained.tokenizer is None:
         raise ConfigError(f"{model_dir} has no tokenizer.json; zero-shot evaluation needs the model's tokenizer.")

@@ -352,13 +352,13 @@ class ClipMethod:
 
     Config fields (besides the trainer's, see `vlm_jax.train.trainer`):
       model: a `CLIPConfig` as a nested section (`model_config_dict`); the text tower's vocab_size
-        and eos/pad/bos ids are taken from the tokenizer. Ignored when `init_from` is set, except
+        and eos/pad/bos ids are taken from the tokenizer. Ignored when `clip_dir` is set, except
         model.dtype / model.param_dtype (compute and storage dtypes).
-      init_from: a Hugging Face CLIPModel/SiglipModel directory to start from ("" = from scratch);
+      clip_dir: a Hugging Face CLIPModel/SiglipModel directory to start from ("" = from scratch);
         its tokenizer and preprocessing are used unless `tokenizer_dir` says otherwise.
       loss: "softmax" (CLIP's symmetric InfoNCE) or "sigmoid" (SigLIP; needs a model with a logit bias).
       label_smoothing: for the softmax loss.
-      tokenizer_dir: directory with tokenizer.json; "" = the init_from directory, else the Shapes
+      tokenizer_dir: directory with tokenizer.json; "" = the clip_dir directory, else the Shapes
         World tokenizer when training on Shapes World.
       data: pipeline section (`vlm_jax.data.pipeline.default_config()`); text_keys pick the captions.
       named_caption_weight: Shapes World only; the chance that an example's caption is its
@@ -384,26 +384,26 @@ class ClipMethod:
         if self._tokenizer is None:
             from vlm_jax.data.tokenizer import Tokenizer  # noqa: PLC0415
 
-            directory = config.get("tokenizer_dir") or config.get("init_from")
+            directory = config.get("tokenizer_dir") or config.get("clip_dir")
             if not directory and _is_shapes_world(config.data):
                 from vlm_jax.data import shapes_world  # noqa: PLC0415
 
                 directory = shapes_world.tokenizer_dir(config.data.data_dir, _shapes_world_build(config.data))
             if not directory:
                 raise ConfigError("No tokenizer: set --config.tokenizer_dir to a directory with tokenizer.json.")
-            context_length = None if config.get("init_from") else int(config.model.text.context_length)
+            context_length = None if config.get("clip_dir") else int(config.model.text.context_length)
             self._tokenizer = Tokenizer.from_dir(directory, context_length=context_length)
         return self._tokenizer
 
     def preprocess(self, config):
-        """The model's `PreprocessSpec`: the init_from directory's, else CLIP's or SigLIP's default."""
+        """The model's `PreprocessSpec`: the clip_dir directory's, else CLIP's or SigLIP's default."""
         if self._preprocess is None:
             from vlm_jax.data.preprocess import PreprocessSpec  # noqa: PLC0415
 
-            if config.get("init_from"):
+            if config.get("clip_dir"):
                 from vlm_jax.weights import load_pretrained  # noqa: PLC0415
 
-                self._preprocess = load_pretrained(config.init_from).preprocess
+                self._preprocess = load_pretrained(config.clip_dir).preprocess
             else:
                 size = int(config.model.vision.image_size)
                 self._preprocess = (PreprocessSpec.siglip(size) if config.model.kind == "siglip"
@@ -421,13 +421,13 @@ class ClipMethod:
     # -- the Method protocol --------------------------------------------------------------------
 
     def reads_weights(self, config) -> bool:
-        return bool(config.get("init_from"))
+        return bool(config.get("clip_dir"))
 
     def create_model(self, config, rngs):
-        if config.get("init_from"):
+        if config.get("clip_dir"):
             from vlm_jax.weights import load_model  # noqa: PLC0415
 
-            model = load_model(config.init_from, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+            model = load_model(config.clip_dir, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
         else:
             model = CLIP(self.model_config(config), rngs=rngs)
         if config.loss not in ("softmax", "sigmoid"):
