@@ -1,4 +1,4 @@
-"""Helpers the benchmark scripts beside this file share: the machine description, exact top-k, recall.
+"""Helpers the benchmark scripts beside this file share: the machine description, exact top-k, recall, linear probe.
 
 Importing it loads no numerical library, so a script can import it before it sets thread counts.
 """
@@ -43,3 +43,38 @@ def recall_at_k(found_ids, true_ids) -> float:
     k = true_ids.shape[1]
     hits = sum(len(set(found[:k].tolist()) & set(true.tolist())) for found, true in zip(found_ids, true_ids))
     return hits / true_ids.size
+
+
+def linear_probe(features, targets, num_classes: int, steps: int = 500, seed: int = 0) -> float:
+    """Held-out accuracy of a softmax (multinomial logistic) regression on standardized features.
+
+    features: float [N, D]; targets: int [N] in [0, num_classes). A seeded half of the rows fits the
+    weights (Adam, full batch, `steps` steps, L2 1e-3), the other half is scored.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    features = np.asarray(features, np.float32)
+    targets = np.asarray(targets)
+    features = (features - features.mean(0)) / (features.std(0) + 1e-6)
+    features = np.concatenate([features, np.ones((len(features), 1), features.dtype)], axis=1)
+    order = np.random.default_rng(seed).permutation(len(features))
+    train, test = order[: len(order) // 2], order[len(order) // 2 :]
+    optimizer = optax.adam(0.05)
+
+    def loss(weights, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(x @ weights, y).mean() + 1e-3 * jnp.sum(weights**2)
+
+    @jax.jit
+    def step(weights, state, x, y):
+        grads = jax.grad(loss)(weights, x, y)
+        updates, state = optimizer.update(grads, state)
+        return weights + updates, state
+
+    weights = jnp.zeros((features.shape[1], num_classes))
+    state = optimizer.init(weights)
+    for _ in range(steps):
+        weights, state = step(weights, state, features[train], targets[train])
+    return float(np.mean(np.argmax(features[test] @ weights, axis=1) == targets[test]))

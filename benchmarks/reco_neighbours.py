@@ -25,6 +25,8 @@ import pathlib
 
 import numpy as np
 
+import bench_common
+
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,34 +64,6 @@ def neighbour_agreement(queries, labels, keys, key_labels, k, entities) -> dict[
     return out
 
 
-def linear_probe(features, targets, num_classes, steps, seed=0) -> float:
-    """Held-out accuracy of a softmax regression on standardized features (Adam, full batch)."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    features = (features - features.mean(0)) / (features.std(0) + 1e-6)
-    features = np.concatenate([features, np.ones((len(features), 1), features.dtype)], axis=1)
-    order = np.random.default_rng(seed).permutation(len(features))
-    train, test = order[: len(order) // 2], order[len(order) // 2:]
-    optimizer = optax.adam(0.05)
-
-    def loss(weights, x, y):
-        return optax.softmax_cross_entropy_with_integer_labels(x @ weights, y).mean() + 1e-3 * jnp.sum(weights**2)
-
-    @jax.jit
-    def step(weights, state, x, y):
-        grads = jax.grad(loss)(weights, x, y)
-        updates, state = optimizer.update(grads, state)
-        return weights + updates, state
-
-    weights = jnp.zeros((features.shape[1], num_classes))
-    state = optimizer.init(weights)
-    for _ in range(steps):
-        weights, state = step(weights, state, features[train], targets[train])
-    return float(np.mean(np.argmax(features[test] @ weights, axis=1) == targets[test]))
-
-
 def main() -> None:
     args = _parse_args()
     from vlm_jax.data import shapes_world
@@ -111,7 +85,7 @@ def main() -> None:
     for attribute in ("shape", "colour", "pattern"):
         values = sorted({getattr(e, attribute) for e in entities})
         targets = np.array([values.index(getattr(entities[label], attribute)) for label in labels])
-        probe[attribute] = linear_probe(images, targets, len(values), args.probe_steps)
+        probe[attribute] = bench_common.linear_probe(images, targets, len(values), args.probe_steps)
     results["linear_probe"] = probe
     print("linear probe on the frozen image embeddings (held-out accuracy): "
           + "  ".join(f"{key} {value:.3f}" for key, value in probe.items()))

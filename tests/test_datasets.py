@@ -14,7 +14,8 @@ from vlm_jax.data import datasets, pipeline
 from vlm_jax.data.preprocess import PreprocessSpec
 
 REQUIRED = ["imagenet1k", "caltech101", "pets", "cars", "flowers", "food101", "fgvc_aircraft", "sun397", "dtd",
-            "eurosat", "ucf101", "cub200", "stanford_dogs", "places365", "cifar10", "cifar100", "shapes_world"]
+            "eurosat", "ucf101", "cub200", "stanford_dogs", "places365", "cifar10", "cifar100", "shapes_world",
+            "shapes_world_descriptions"]
 CLASS_COUNTS = {"imagenet1k": 1000, "caltech101": 102, "pets": 37, "cars": 196, "flowers": 102, "food101": 101,
                 "fgvc_aircraft": 100, "sun397": 397, "dtd": 47, "eurosat": 10, "ucf101": 101, "places365": 365,
                 "cifar10": 10, "cifar100": 100}
@@ -61,7 +62,7 @@ def test_class_names_follow_tfds_label_order_where_tfds_records_names():
 def test_templates_are_openai_templates_with_case_and_punctuation_kept():
     imagenet = datasets.get("imagenet1k").templates
     assert len(imagenet) == 80 and imagenet[0] == "a bad photo of a {}."
-    assert all(t.count("{}") == 1 for e in datasets.REGISTRY.values() if e.name != "shapes_world" for t in e.templates)
+    assert all(t.count("{}") == 1 for e in datasets.REGISTRY.values() if not e.name.startswith("shapes_world") for t in e.templates)
     assert datasets.get("cifar10").templates[0] == "a photo of a {}."
     assert datasets.get("ucf101").templates[:2] == ["a photo of a person {}.", "a video of a person {}."]
     assert datasets.get("cars").class_names()[0] == "AM General Hummer SUV 2000"

@@ -45,7 +45,9 @@ class DatasetEntry:
       classes_key: entry of zero_shot_classes.json.
       class_names_from: how names are found when the JSON has none: "wnid" maps TFDS label names
         "nXXXXXXXX-..." to OpenAI's ImageNet names; "classes_txt" reads a CUB-style classes.txt;
-        "builder" asks `builder_module` (its `class_names()` and `prompt_templates()`).
+        "builder" asks `builder_module` (its `class_names()` and `prompt_templates()`);
+        "builder_descriptions" names each class by its visual description instead
+        (`builder_module.attribute_phrases()`, with the same templates): zero-shot by description.
       builder_module: module to import so TFDS knows the builder (the embedded shapes_world).
       note: what a user must know (no TFDS builder, local layout, ...).
     """
@@ -63,7 +65,7 @@ class DatasetEntry:
 
     @property
     def templates(self) -> list[str]:
-        if self.class_names_from == "builder":
+        if self.class_names_from in ("builder", "builder_descriptions"):
             return list(importlib.import_module(self.builder_module).prompt_templates())
         return list(_zero_shot_data()[self.classes_key]["templates"])
 
@@ -85,6 +87,8 @@ class DatasetEntry:
             return read_classes_txt(classes_file)
         if self.class_names_from == "builder":
             return list(importlib.import_module(self.builder_module).class_names())
+        if self.class_names_from == "builder_descriptions":
+            return list(importlib.import_module(self.builder_module).attribute_phrases())
         label_names = self._builder_label_names(data_dir)
         if self.class_names_from == "wnid":
             imagenet = _zero_shot_data()["imagenet1k"]
@@ -181,6 +185,11 @@ _ENTRIES = [
     DatasetEntry("shapes_world", "shapes_world/default", "pretrain", "eval_classification", "shapes_world",
                  class_names_from="builder", builder_module="vlm_jax.data.shapes_world",
                  note="The embedded procedural dataset; generated on first use."),
+    DatasetEntry("shapes_world_descriptions", "shapes_world/default", "pretrain", "eval_classification",
+                 "shapes_world_descriptions", class_names_from="builder_descriptions",
+                 builder_module="vlm_jax.data.shapes_world",
+                 note="Shapes World entities described by their attributes ('a photo of a striped red star.'), "
+                      "never named: zero-shot by description, the only way to classify novel entities."),
 ]
 
 REGISTRY: dict[str, DatasetEntry] = {entry.name: entry for entry in _ENTRIES}

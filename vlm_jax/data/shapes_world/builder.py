@@ -215,6 +215,12 @@ def descriptions(config: str | world.WorldConfig = "default") -> tuple[str, ...]
     return tuple(e.description for e in entities(config))
 
 
+def attribute_phrases() -> tuple[str, ...]:
+    """'striped red star' per entity, in label order: each entity described by its attributes, unnamed."""
+    return tuple(f"{pattern} {colour} {shape}"
+                 for shape, colour, pattern in map(world.entity_attributes, range(world.NUM_ENTITIES)))
+
+
 def descriptors() -> tuple[tuple[str, ...], ...]:
     """Per entity, its visual descriptors for classification by description ('<prompt>, which is <d>')."""
     return tuple((f"a {shape}", colour, pattern) for shape, colour, pattern in map(world.entity_attributes, range(world.NUM_ENTITIES)))
