@@ -262,29 +262,10 @@ def train_mixture(
     )
 
 
-def train_dataset(
-    source: Any,
-    decoder: Any,
-    *,
-    global_batch_size: int,
-    seed: int,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    num_epochs: int | None = None,
-    shuffle: bool = True,
-    batch_maps: Sequence[BatchMap] = (),
-    worker_count: int = 0,
-    worker_buffer_size: int = 2,
-    read_threads: int = 4,
-    read_buffer_size: int = 32,
-) -> grain.IterDataset:
-    """Training batches from one source: `train_mixture([WeightedSource(source, decoder)], ...)`."""
-    return train_mixture(
-        [WeightedSource(source, decoder)], global_batch_size=global_batch_size, seed=seed,
-        process_index=process_index, process_count=process_count, num_epochs=num_epochs, shuffle=shuffle,
-        batch_maps=batch_maps, worker_count=worker_count, worker_buffer_size=worker_buffer_size,
-        read_threads=read_threads, read_buffer_size=read_buffer_size,
-    )
+def train_dataset(source: Any, decoder: Any, **options: Any) -> grain.IterDataset:
+    """Training batches from one source: `train_mixture([WeightedSource(source, decoder)], **options)`
+    (global_batch_size, seed and the other keywords of `train_mixture`)."""
+    return train_mixture([WeightedSource(source, decoder)], **options)
 
 
 def eval_dataset(

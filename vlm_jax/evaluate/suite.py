@@ -32,7 +32,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from vlm_jax.config_lib import ConfigError
+from vlm_jax.config_lib import ConfigError, check_fields
 from vlm_jax.data import datasets, pipeline
 from vlm_jax.evaluate import stored
 from vlm_jax.evaluate.common import Evaluator, get_evaluator
@@ -55,6 +55,7 @@ def eval_spec(**overrides: Any) -> ml_collections.ConfigDict:
         }
     )
     spec.data.shuffle = False
+    check_fields(overrides, spec, "eval spec")
     data_overrides = dict(overrides.pop("data", {}))
     spec.update(overrides)
     for key, value in data_overrides.items():
@@ -137,7 +138,9 @@ def class_names_and_templates(spec) -> tuple[list[str], Any]:
 
 def build_evaluator(name: str, spec: Mapping[str, Any], preprocess, tokenizer, views: Views = clip_views) -> SpecEvaluator:
     """The evaluator one spec describes, scoring the view `spec.pred` of the model it runs on."""
-    spec = eval_spec(**(spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)))
+    spec = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
+    check_fields(spec, eval_spec(), f"evals.{name}")
+    spec = eval_spec(**spec)
     batches = _batches(spec, preprocess, tokenizer)
     if spec.type == "zero_shot":
         entry = _registry_entry(spec.classes or spec.data.dataset)

@@ -67,6 +67,14 @@ def _resolve_axes(mesh: Mesh | None, axes: Sequence[str] | str | None) -> tuple[
     return axes
 
 
+_PLACE_CHUNK_ROWS = 1 << 16  # rows converted on the host and copied per step when placing on one device
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_rows(table: jax.Array, rows: jax.Array, start: int) -> jax.Array:
+    return jax.lax.dynamic_update_slice(table, rows, (start, 0))
+
+
 def place_rows(
     rows: np.ndarray,
     *,
@@ -107,8 +115,14 @@ def place_rows(
         return values
 
     if mesh is None:
-        # Uncommitted, so a jit that also takes mesh-sharded arguments may move it where it needs it.
-        return jax.device_put(block(0, padded_rows))
+        # Filled chunk by chunk into one donated buffer: the host holds one chunk, never the whole
+        # table in the device dtype. Uncommitted, so a jit that also takes mesh-sharded arguments
+        # may move it where it needs it.
+        table = jnp.zeros((padded_rows, dim), dtype)
+        for start in range(0, num_rows, _PLACE_CHUNK_ROWS):
+            stop = min(start + _PLACE_CHUNK_ROWS, num_rows)
+            table = _write_rows(table, jnp.asarray(block(start, stop)), start)
+        return table
 
     def shard(index: tuple[slice, slice]) -> np.ndarray:
         start, stop, _ = index[0].indices(padded_rows)

@@ -66,14 +66,22 @@ def precompute_neighbours(
     return neighbours
 
 
+_SCORES_PER_SEARCH = 1 << 26  # float32 scores [batch, rows per shard] one search step may hold: 256 MB
+
+
 def search_all(retriever, queries: np.ndarray, key_modality: str, *, k: int, exclude_rows: np.ndarray | None = None,
-               dedup_threshold: float | None = None, batch_size: int = 4096) -> np.ndarray:
+               dedup_threshold: float | None = None, batch_size: int | None = None) -> np.ndarray:
     """The k memory rows nearest each query, searched by a placed retriever (`device.DeviceRetriever`)
     in fixed-size jitted batches: a memory already on device is searched where it is, never copied.
 
     queries: float [M, D] (numpy, memory map or `store.Rows`); exclude_rows int [M] or [M, E].
+    batch_size: queries per step (None: as many as keep each shard's [batch, rows] scores at 256 MB).
     Returns int32 [M, k] (-1 where missing).
     """
+    if batch_size is None:
+        table = retriever.table
+        rows_per_shard = table.image_embeddings.shape[0] // max(1, len(table.image_embeddings.sharding.device_set))
+        batch_size = int(min(4096, max(8, _SCORES_PER_SEARCH // max(rows_per_shard, 1))))
     @functools.partial(jax.jit, static_argnames=("has_exclude",))
     def search(retriever, batch, exclude, has_exclude):
         return retriever.search(batch, key_modality, k, exclude_rows=exclude if has_exclude else None,

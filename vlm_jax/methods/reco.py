@@ -240,18 +240,15 @@ class RecoMethod:
         return RECO(self.pretrained(config).model, parse_reco(config.reco), rngs=rngs)
 
     def _table(self, directory: str, index: IndexConfig, mesh: Mesh | None):
-        """The memory's rows placed once on device (read shard by shard, never whole on the host): in
+        """The memory's rows placed once on device (read chunk by chunk, never whole on the host): in
         the index's dtype for a device search, in their stored dtype where the table only serves
-        gathers (host-searched neighbours). mesh=None reuses a table placed for any mesh, else
-        shards over every device."""
+        gathers (host-searched neighbours). Sharded over `mesh` (None: every device) when first
+        placed; later calls reuse it, whichever mesh they name (every mesh here spans all devices)."""
         memory = self.memory(directory)
         dtype = index.dtype if index.backend in ("exact", "approx") else None
-        placed = [value for key, value in self._cache.items() if key[:3] == ("table", directory, dtype)]
-        if mesh is None and placed:
-            return placed[0]
         if mesh is None and jax.device_count() > 1:
             mesh = default_mesh()
-        return self._once(("table", directory, dtype, index.mesh_axes, mesh), lambda: place_memory(
+        return self._once(("table", directory, dtype, index.mesh_axes), lambda: place_memory(
             memory.rows("image_embeddings"), memory.rows("text_embeddings"), mesh=mesh, axes=index.mesh_axes,
             dtype=dtype))
 
