@@ -155,12 +155,14 @@ def test_a_misspelt_field_inside_a_variant_is_one_error_line_from_main(tmp_path)
         "    return config\n")
     result = subprocess.run([sys.executable, "-m", "vlm_jax.main", f"--config={config_file}",
                              f"--workdir={tmp_path / 'work'}"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                            timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                              "VLM_JAX_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines() == [
         "error: variants.wide.reco.fusion_config.widht is not a field of the experiment config; "
         "did you mean variants.wide.reco.fusion_config.width?"]
-    assert not (tmp_path / "work" / "clip").exists()  # refused before any stage ran
+    # Refused before any stage ran: no base model in the cache, no memory in the workdir.
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "work" / "memory").exists()
 
 
 # --------------------------------------------------------------------------------------------------
