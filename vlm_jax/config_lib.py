@@ -13,8 +13,10 @@ from typing import Any
 import ml_collections
 from etils import epath
 
+from vlm_jax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config field or a path named by the config is wrong; the message says how to fix it."""
 
 

@@ -33,6 +33,7 @@ from etils import epath
 
 from vlm_jax.config_lib import (ConfigError, MapOf, check_fields, experiment_module, load_config_file, merged,
                                 require_path)
+from vlm_jax.errors import Preempted  # noqa: F401  (re-exported: runner.Preempted)
 
 
 def experiment_schema(**sections: Any) -> dict[str, Any]:
@@ -111,10 +112,6 @@ def base_model_dir(config, workdir: epath.Path) -> str:
     version = module.dataset_version(base) if hasattr(module, "dataset_version") else ""
     directory = cached_run(base, build, root=config.get("cache_dir") or None, dataset_version=version)
     return str(directory / "export")
-
-
-class Preempted(Exception):
-    """A run stopped on SIGTERM after saving; the experiment stops and resumes on the next call."""
 
 
 def prepare_tfds(data) -> None:
