@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import logging
 import os
 import tarfile
 
@@ -11,6 +12,7 @@ import PIL.Image
 import pytest
 
 from vlm_jax.data import corpora, pipeline
+from vlm_jax.data.bad_input import BadRecordError, Fetched
 from vlm_jax.data.preprocess import PreprocessSpec, preprocess_image
 
 SPEC = PreprocessSpec(image_size=16)
@@ -138,7 +140,8 @@ def test_corrupted_members_are_kept_by_conversion_then_skipped_and_counted(tmp_p
     for batch in eval_batches(converted):
         counter.update(batch)
         kept.extend(batch["id"].tolist())
-    assert counter.totals == {"unreadable_record": 0, "corrupt_image": 2, "missing_field": 2, "empty_text": 2}
+    assert counter.totals == {"unreadable_record": 0, "corrupt_image": 2, "missing_field": 2, "empty_text": 2,
+                              "undecodable_text": 0}
     assert len(kept) == 4 and all(key[-1] in "04" for key in kept)
 
 
@@ -185,3 +188,86 @@ def test_array_record_corpus_trains_through_the_config_driven_pipeline(tmp_path)
     texts = np.concatenate([b["text"] for b in batches])
     assert any(t.startswith("a caption") for t in texts) and any(t.startswith("a recaption") for t in texts)
     assert batches[0]["image"].shape == (4, 16, 16, 3)
+
+
+def _manifest_with_a_line_that_is_not_utf8(directory, count=5, bad_line=3):
+    lines = []
+    for i in range(count):
+        (directory / f"img_{i}.png").write_bytes(encode(random_pixels(i), "PNG"))
+        line = json.dumps({"id": f"m{i}", "image_path": f"img_{i}.png", "caption": f"caption {i}"}).encode()
+        if i + 1 == bad_line:
+            line = line.replace(b"caption %d" % i, b"caf\xe9 %d" % i)  # Latin-1, not UTF-8
+        lines.append(line)
+    manifest = directory / "manifest.jsonl"
+    manifest.write_bytes(b"\n".join(lines) + b"\n")
+    return manifest
+
+
+def test_jsonl_line_that_is_not_utf8_is_skipped_counted_and_logged_with_file_and_line(tmp_path, caplog):
+    manifest = _manifest_with_a_line_that_is_not_utf8(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        source = corpora.ManifestSource(str(manifest))
+        batches = eval_batches(source)
+    counter = pipeline.BadInputCounter()
+    for batch in batches:
+        counter.update(batch)
+    assert len(source) == 5
+    assert np.concatenate([b["id"] for b in batches]).tolist() == ["m0", "m1", "m3", "m4"]
+    assert {k: v for k, v in counter.totals.items() if v} == {"undecodable_text": 1}
+    assert f"{manifest}:3: not UTF-8 text (byte 0xe9" in caplog.text
+    assert "Skipped bad input (undecodable_text) at source index 2" in caplog.text
+
+    decoder = pipeline.ExampleDecoder(spec=SPEC, text_keys=("caption",), keep_text=True, on_bad_input="raise")
+    with pytest.raises(pipeline.BadInputError, match=rf"undecodable_text\) at source index 2: {manifest}:3"):
+        list(pipeline.eval_dataset(source, decoder, global_batch_size=4, process_index=0, process_count=1))
+
+
+def test_csv_row_that_is_not_utf8_is_skipped_and_counted_with_its_line(tmp_path, caplog):
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(encode(random_pixels(i), "PNG"))
+    (tmp_path / "rows.csv").write_bytes(b"image_path,caption\n0.png,zero\n1.png,caf\xe9\n2.png,two\n")
+    with caplog.at_level(logging.WARNING):
+        source = corpora.ManifestSource(str(tmp_path / "rows.csv"))
+    with pytest.raises(BadRecordError, match=r"rows\.csv:3: not UTF-8"):
+        source[1]
+    assert source[2]["caption"] == "two" and "rows.csv:3" in caplog.text
+
+
+def test_webdataset_text_member_that_is_not_utf8_is_skipped_counted_and_logged_with_the_member(tmp_path, caplog):
+    members = []
+    for row in range(4):
+        key = f"{row:05d}"
+        caption = b"caf\xe9" if row == 2 else f"caption {row}".encode()
+        members += [(f"{key}.jpg", encode(random_pixels(row), "JPEG")), (f"{key}.txt", caption)]
+    write_tar(tmp_path / "shard.tar", members)
+    source = corpora.WebDatasetSource(str(tmp_path / "shard.tar"))
+    with caplog.at_level(logging.WARNING):
+        batches = eval_batches(source)
+    counter = pipeline.BadInputCounter()
+    for batch in batches:
+        counter.update(batch)
+    assert np.concatenate([b["id"] for b in batches]).tolist() == ["00000", "00001", "00003"]
+    assert np.concatenate([b["text"] for b in batches]).tolist() == ["caption 0", "caption 1", "caption 3"]
+    assert {k: v for k, v in counter.totals.items() if v} == {"undecodable_text": 1}
+    assert f"{tmp_path / 'shard.tar'}: member 00002.txt is not UTF-8 text (byte 0xe9 at offset 3)" in caplog.text
+
+
+def test_conversion_keeps_an_unreadable_record_as_a_marker_counted_the_same(tmp_path):
+    manifest = _manifest_with_a_line_that_is_not_utf8(tmp_path)
+    corpora.convert_to_array_record(corpora.ManifestSource(str(manifest)), str(tmp_path / "ar"))
+    converted = corpora.ArrayRecordCorpusSource(str(tmp_path / "ar" / "*.array_record"))
+    assert len(converted) == 5
+    with pytest.raises(BadRecordError, match=r"manifest\.jsonl:3"):
+        converted[2]
+    counter = pipeline.BadInputCounter()
+    for batch in eval_batches(converted):
+        counter.update(batch)
+    assert {k: v for k, v in counter.totals.items() if v} == {"undecodable_text": 1}
+    assert sorted(os.listdir(tmp_path / "ar")) == ["corpus-00000-of-00001.array_record", "corpus.meta.json"]
+
+
+def test_text_bytes_that_are_not_utf8_are_an_undecodable_text_bad_input():
+    record = {"id": "x", "image": encode(random_pixels(0), "PNG"), "caption": np.asarray(b"caf\xe9", object)}
+    decoder = pipeline.ExampleDecoder(spec=SPEC, text_keys=("caption",), keep_text=True)
+    marker = decoder.random_map(Fetched(0, record), np.random.default_rng(0))
+    assert marker.kind == "undecodable_text" and "field 'caption' is not UTF-8" in marker.detail

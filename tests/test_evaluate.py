@@ -5,6 +5,9 @@ mean per-class recall as sklearn's balanced accuracy) and `zeroshot_retrieval.py
 of its captions is in its top K; a caption hits if its image is in its top K).
 """
 
+import io
+import json
+import logging
 import math
 
 import jax
@@ -22,6 +25,8 @@ from vlm_jax.evaluate import (
     retrieval_metrics,
     zero_shot_classifier,
 )
+from vlm_jax.evaluate import suite, tasks
+from vlm_jax.evaluate.common import skip_footnote
 from vlm_jax.evaluate.views import StoredPrompts, View, pixel_view, stored_view
 from vlm_jax.evaluate.zero_shot import class_prompts
 
@@ -238,8 +243,9 @@ def test_evaluators_run_on_the_tiny_clip_model():
         data=lambda: [{"image": images, "label": np.array([0, 1, 2, 0, 1, 2], np.int32)}],
         class_names=["red", "green", "blue"], templates=["a {} shape"],
     ).run(view)  # fmt: skip
-    assert set(metrics) == {"top1", "top5", "mean_per_class_recall"}
-    assert all(0.0 <= v <= 1.0 for v in metrics.values()) and metrics["top5"] == 1.0
+    assert set(metrics) == {"top1", "top5", "mean_per_class_recall", "evaluated", "skipped"}
+    assert metrics["evaluated"] == 6 and metrics["skipped"] == 0
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("top1", "top5", "mean_per_class_recall")) and metrics["top5"] == 1.0
     captions = tokenizer([f"caption {i}" for i in range(12)]).reshape(6, 2, length)
     evaluator = RetrievalEvaluator(data=lambda: [{"image": images, "text_ids": captions}], ks=(1, 6, 11))
     metrics = evaluator.run(view)
@@ -308,3 +314,92 @@ def test_a_refined_view_maps_each_modality_in_fixed_batches_and_renormalizes():
     captions = images[:4].reshape(2, 2, 3)
     np.testing.assert_array_equal(refined.captions({"text_embedding": captions}), captions)  # text map None
     np.testing.assert_array_equal(refined.prompts(["a", "b"]), np.eye(3)[:2])
+
+
+def _png(seed):
+    import PIL.Image
+
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(np.full((6, 6, 3), seed, np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_zero_shot_over_9_records_with_5_bad_reports_them_skipped_by_reason_in_metrics_footnote_and_results(
+        tmp_path, caplog):
+    from etils import epath
+
+    from vlm_jax.data import datasets
+    from vlm_jax.data.preprocess import PreprocessSpec
+
+    # Rows 1, 3, 6, 8 hold broken images and line 5 (row 4) is not UTF-8; the last bad row follows the
+    # last example, so its skip is counted only if the end of the pass is.
+    lines = []
+    for row in range(9):
+        name = f"{row}.png"
+        (tmp_path / name).write_bytes(b"not a png" if row in (1, 3, 6, 8) else _png(row))
+        line = json.dumps({"id": f"r{row}", "image_path": name, "label": row % 3, "note": "ok"}).encode()
+        lines.append(line.replace(b'"ok"', b'"\xff"') if row == 4 else line)
+    (tmp_path / "cars.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    class_names = datasets.get("cifar10").class_names()
+    prompts = class_prompts(class_names, datasets.get("cifar10").templates)
+    class_of_text = {text: c for c, texts in enumerate(prompts) for text in texts}
+    eye = np.eye(len(class_names), dtype=np.float32)
+    # A view that embeds each image as its own label and each prompt as its class: every scored row is right.
+    view = View(images=lambda batch: eye[np.asarray(batch["label"])], captions=None,
+                prompts=lambda texts: eye[[class_of_text[t] for t in texts]])
+    spec = {"type": "zero_shot", "classes": "cifar10", "batch_size": 4,
+            "data": {"source": "manifest", "paths": str(tmp_path / "cars.jsonl"), "label_key": "label"}}
+    evaluator = suite.build_evaluator("cars", spec, PreprocessSpec(image_size=8), None,
+                                      views=lambda model, inputs: {"clip": view})
+
+    with caplog.at_level(logging.WARNING):
+        metrics = evaluator.run(None)
+
+    assert metrics["cars/top1"] == 1.0
+    assert metrics["cars/evaluated"] == 4 and metrics["cars/skipped"] == 5
+    assert metrics["cars/skipped/corrupt_image"] == 4 and metrics["cars/skipped/undecodable_text"] == 1
+    assert metrics["cars/skipped/missing_field"] == 0
+    footnote = skip_footnote(metrics)
+    assert footnote == "* cars: 5 of 9 inputs skipped (corrupt_image 4, undecodable_text 1)"
+    assert footnote in caplog.text
+    tasks.write_results(epath.Path(tmp_path), metrics)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["cars/skipped"] == 5 and results["cars/skipped/undecodable_text"] == 1
+    assert results["cars/evaluated"] == 4
+
+
+def test_skip_footnote_names_each_evaluator_that_skipped_and_nothing_else():
+    metrics = {"zero_shot/cars/top1": 0.5, "zero_shot/cars/evaluated": 4.0, "zero_shot/cars/skipped": 5.0,
+               "zero_shot/cars/skipped/undecodable_image": 5.0, "zero_shot/cars/skipped/empty_text": 0.0,
+               "zero_shot/cars/skipped/std": 1.0, "pets/evaluated": 9.0, "pets/skipped": 0.0,
+               "data/skipped_corrupt_image": 3.0}
+    assert skip_footnote(metrics) == "* zero_shot/cars: 5 of 9 inputs skipped (undecodable_image 5)"
+    assert skip_footnote({"pets/evaluated": 9.0, "pets/skipped": 0.0}) == ""
+
+
+def test_retrieval_reports_skips_and_leaves_out_rows_the_mask_marks_as_padding():
+    model, data = _retrieval_setup()
+    view = pixel_view(model, None, batch_size=4)
+
+    def padded_data():
+        first, second = data()
+        yield {**first, "bad_input": {"corrupt_image": np.int32(2), "empty_text": np.int32(0)}}
+        # The last row repeats image 0 as padding (mask False): it must not count as an image.
+        yield {"image": _images([3, 0]), "text_ids": np.concatenate([second["text_ids"], first["text_ids"][:1]]),
+               "text_mask": np.concatenate([second["text_mask"], first["text_mask"][:1]]),
+               "mask": np.array([True, False]), "bad_input": {"corrupt_image": np.int32(1), "empty_text": np.int32(1)}}
+
+    expected = RetrievalEvaluator(data, ks=(1, 2)).run(view)
+    metrics = RetrievalEvaluator(padded_data, ks=(1, 2)).run(view)
+    assert expected["evaluated"] == 4 and expected["skipped"] == 0
+    assert metrics == {**expected, "skipped": 4.0, "skipped/corrupt_image": 3.0, "skipped/empty_text": 1.0}
+
+
+def test_evaluators_count_a_batch_of_skip_counts_alone_and_do_not_change_the_batches():
+    model, tokenizer, class_names, templates, data = _zero_shot_setup()
+    batches = [*data(), {"bad_input": {"corrupt_image": np.int32(3)}}]
+    metrics = ZeroShotEvaluator(lambda: batches, class_names, templates).run(pixel_view(model, tokenizer, 4))
+    assert metrics["skipped/corrupt_image"] == 3 and metrics["evaluated"] == 7
+    assert batches[-1] == {"bad_input": {"corrupt_image": 3}}
+    with pytest.raises(ValueError, match=r"no examples to score \(skipped as bad input: \{'corrupt_image': 3\}"):
+        ZeroShotEvaluator(lambda: batches[-1:], class_names, templates).run(pixel_view(model, tokenizer, 4))

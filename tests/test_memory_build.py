@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import ml_collections
 import ml_dtypes
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from vlm_jax.data import pipeline
 from vlm_jax.data import shapes_world
 from vlm_jax.data.preprocess import PreprocessSpec, preprocess_image
 from vlm_jax.data.tokenizer import Tokenizer
+from vlm_jax.evaluate import stored
 from vlm_jax.memory import build, store
 from vlm_jax.models import CLIP, tiny
 from vlm_jax.weights import load_pretrained, save_pretrained
@@ -207,7 +209,7 @@ def test_bad_inputs_are_skipped_counted_per_shard_and_recorded(world, reference,
     assert [r["bad_input"]["empty_text"] for r in records_on_disk] == [0, 1]
     assert [r["rows"] for r in records_on_disk] == [31, 27]
     assert memory.metadata["completion"]["bad_input"] == {
-        "corrupt_image": 1, "empty_text": 1, "missing_field": 0, "unreadable_record": 0}
+        "corrupt_image": 1, "empty_text": 1, "missing_field": 0, "unreadable_record": 0, "undecodable_text": 0}
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -220,3 +222,66 @@ def test_half_precision_storage_holds_the_rounded_float32_embeddings(world, refe
     expected = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16)
     assert memory.image_embeddings.dtype == expected and memory.text_embeddings.dtype == expected
     np.testing.assert_array_equal(memory.text_embeddings, reference.text_embeddings[:40].astype(expected))
+
+
+def _nine_records_with_four_bad(world):
+    """9 records: corrupt images at 2 and 8 (8 alone in the last shard of 4), an empty caption at 5 and a
+    caption that is not UTF-8 at 7 (the last row of its shard)."""
+    source = memory_source(world)
+    records = [dict(source[i]) for i in range(9)]
+    records[2]["image"] = records[8]["image"] = b"not a png"
+    records[5]["name_caption"] = b"   "
+    records[7]["name_caption"] = b"caf\xe9"
+    return records
+
+
+def test_complete_json_accounts_for_every_record_read_with_bad_records_at_shard_ends(world, tmp_path):
+    out_dir = tmp_path / "memory"
+
+    memory = run_build(world, out_dir, source=_nine_records_with_four_bad(world),
+                       config=memory_config(world, shard_size=4))
+
+    np.testing.assert_array_equal(memory.indices, [0, 1, 3, 4, 6])
+    completion = store.load_json(str(out_dir / store.COMPLETE_FILE))
+    assert completion["num_rows"] == 5 and completion["skipped"] == 4 and completion["source_rows"] == 9
+    assert completion["num_rows"] + sum(completion["bad_input"].values()) == 9
+    assert {kind: count for kind, count in completion["bad_input"].items() if count} == {
+        "corrupt_image": 2, "empty_text": 1, "undecodable_text": 1}
+    records = [store.load_json(store.record_path(str(out_dir), shard)) for shard in range(3)]
+    assert [r["rows"] + sum(r["bad_input"].values()) for r in records] == [4, 4, 1]
+    # A stored eval set hands its skip counts to the evaluator with its first batch.
+    batches = list(stored.stored_batches(out_dir, ml_collections.ConfigDict({"batch_size": 4, "type": "zero_shot"}))())
+    assert batches[0]["bad_input"] == completion["bad_input"] and "bad_input" not in batches[1]
+
+
+@pytest.mark.parametrize("failing_file", ["shard_00001.labels.npy", store.COMPLETE_FILE])
+def test_a_build_interrupted_by_a_failing_write_leaves_no_complete_memory_and_a_rerun_completes(
+        world, tmp_path, monkeypatch, failing_file):
+    out_dir = tmp_path / "memory"
+    records = _nine_records_with_four_bad(world)
+    config = memory_config(world, shard_size=4)
+    write_atomic = store.write_atomic
+
+    def fail_midway(path, write, **kwargs):
+        if os.path.basename(path) == failing_file:
+            def partial_write(file):
+                file.write(b"\x93NUMPY" if kwargs.get("binary", True) else "{")
+                raise OSError("No space left on device")
+            write = partial_write
+        write_atomic(path, write, **kwargs)
+
+    monkeypatch.setattr(store, "write_atomic", fail_midway)
+    with pytest.raises(OSError, match="No space left"):
+        run_build(world, out_dir, source=records, config=config)
+    assert not (out_dir / store.COMPLETE_FILE).exists()
+    assert not [name for name in os.listdir(out_dir) if ".tmp-" in name]
+    with pytest.raises(store.IncompleteMemoryError):
+        store.load_memory(out_dir)
+
+    monkeypatch.setattr(store, "write_atomic", write_atomic)
+    written = []
+    memory = run_build(world, out_dir, source=records, config=config, on_shard_written=written.append)
+    assert written == ([1, 2] if failing_file != store.COMPLETE_FILE else [])
+    np.testing.assert_array_equal(memory.indices, [0, 1, 3, 4, 6])
+    assert memory.completion["num_rows"] + memory.completion["skipped"] == memory.completion["source_rows"] == 9
+    assert_same_memory(memory, run_build(world, tmp_path / "uninterrupted", source=records, config=config))

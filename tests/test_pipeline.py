@@ -485,3 +485,73 @@ def test_restored_mixture_iterator_yields_the_identical_continuation(tmp_path):
 
 def test_restored_mixture_iterator_yields_the_identical_continuation_with_worker_processes(tmp_path):
     _mixture_restore_check(tmp_path, worker_count=2, take_first=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Skips at the end of a finite pass.
+
+
+def _source_with_bad(count, bad):
+    examples = make_source(count)
+    for index in bad:
+        examples[index]["image"] = b"not an image"
+    return examples
+
+
+def _totals(batches):
+    counter = pipeline.BadInputCounter()
+    for batch in batches:
+        counter.update(batch)
+    return {kind: count for kind, count in counter.totals.items() if count}
+
+
+@pytest.mark.parametrize("worker_count", [0, 2])
+def test_skips_after_the_last_example_of_an_eval_pass_are_counted_in_its_last_batch(worker_count):
+    # 8 good examples fill two batches exactly; the bad ninth has no batch of its own.
+    source = _source_with_bad(9, bad=[8])
+    batches = list(pipeline.eval_dataset(source, decoder(), global_batch_size=4, process_index=0, process_count=1,
+                                         worker_count=worker_count))
+    assert sum(len(b["index"]) for b in batches) == 8
+    assert _totals(batches) == {"corrupt_image": 1}
+
+
+def test_skips_in_the_dropped_final_batch_of_a_finite_train_pass_are_counted():
+    # One epoch of 11 with batches of 4: two batches, then a partial one (bad 9, good 10) that is dropped.
+    source = _source_with_bad(11, bad=[1, 9])
+    batches = list(pipeline.train_dataset(source, decoder(), global_batch_size=4, seed=0, process_index=0,
+                                          process_count=1, num_epochs=1, shuffle=False))
+    assert [b["index"].tolist() for b in batches] == [[0, 2, 3, 4], [5, 6, 7, 8]]
+    # The skip of row 9, in the dropped batch, rides on the last batch returned.
+    assert [int(b["bad_input"]["corrupt_image"]) for b in batches] == [1, 1]
+
+
+def test_an_eval_pass_of_only_bad_inputs_yields_one_batch_of_counts_alone():
+    source = _source_with_bad(3, bad=[0, 1, 2])
+    batches = list(pipeline.eval_dataset(source, decoder(), global_batch_size=4, process_index=0, process_count=1,
+                                         batch_maps=(_add_norm,)))
+    assert len(batches) == 1 and sorted(batches[0]) == ["bad_input"]
+    assert _totals(batches) == {"corrupt_image": 3}
+
+
+def test_restoring_an_eval_pass_mid_way_counts_each_skip_once():
+    source = _source_with_bad(14, bad=[2, 12, 13])
+
+    def new_iterator():
+        return iter(pipeline.eval_dataset(source, decoder(), global_batch_size=4, process_index=0, process_count=1))
+
+    iterator = new_iterator()
+    first = take(iterator, 1)
+    state = iterator.get_state()
+    rest = list(iterator)
+    restored = new_iterator()
+    restored.set_state(state)
+    assert_batches_equal(list(restored), rest)
+    assert [len(b["index"]) for b in first + rest] == [4, 4, 3]
+    assert _totals(first + rest) == {"corrupt_image": 3}
+
+
+def test_skipped_inputs_are_logged_with_their_detail(caplog):
+    source = _source_with_bad(6, bad=[4])
+    with caplog.at_level("WARNING", logger="vlm_jax.data.bad_input"):
+        list(pipeline.eval_dataset(source, decoder(), global_batch_size=4, process_index=0, process_count=1))
+    assert "Skipped bad input (corrupt_image) at source index 4: UnidentifiedImageError" in caplog.text

@@ -5,10 +5,19 @@ A record that cannot be read (`FetchingSource`) or an example a decoder rejects 
 step (`SkipAndBatchIterDataset`) drops markers and reports them in each batch as
 `batch["bad_input"] = {kind: int32 count}`, and `BadInputCounter` sums those for the metrics.
 With `on_bad_input == "raise"`, `reject` raises `BadInputError` at the example instead.
+
+A source reports a record it can read only in part by raising `BadRecordError(kind, detail)`
+(e.g. text that is not UTF-8, detail naming the file and line); `FetchingSource` turns it into a
+marker of that kind. Every skip is counted in a batch, also at the end of a finite pass: there the
+batching reads one batch ahead, so the skips of a final group that yields no batch (only bad
+inputs, or a partial batch that `drop_remainder` drops) are counted in the last batch returned, and
+a pass without any usable example (and no `drop_remainder`) ends in one batch that holds only
+"bad_input". The first few skips of each kind are logged with their detail.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -18,12 +27,25 @@ import grain
 import numpy as np
 
 _LOG = logging.getLogger(__name__)
-BAD_INPUT_KINDS = ("unreadable_record", "corrupt_image", "missing_field", "empty_text")
+BAD_INPUT_KINDS = ("unreadable_record", "corrupt_image", "missing_field", "empty_text", "undecodable_text")
 ON_BAD_INPUT = ("skip", "raise")
+LOGGED_PER_KIND = 10  # skips logged one by one per kind and iterator; later ones are counted only
 
 
 class BadInputError(ValueError):
     """An example that cannot be used, raised when `on_bad_input == "raise"`."""
+
+
+class BadRecordError(ValueError):
+    """Raised by a source for a record it cannot read; `FetchingSource` counts it as `kind`.
+
+    `detail` says where and why ("manifest.jsonl:3: not UTF-8 ..."), for the log and for errors.
+    """
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +94,8 @@ class FetchingSource:
     def __getitem__(self, index: int) -> Fetched:
         try:
             return Fetched(index, self.source[index])
+        except BadRecordError as error:
+            return Fetched(index, BadInput(error.kind, index, error.detail))
         except Exception as error:  # noqa: BLE001 - any reader failure is one bad record
             return Fetched(index, BadInput("unreadable_record", index, f"{type(error).__name__}: {error}"))
 
@@ -88,34 +112,80 @@ def _stack(values: list[Any]) -> Any:
     return values
 
 
+def _added(counts: dict[str, int], more: dict[str, int]) -> dict[str, int]:
+    return {**counts, **{kind: counts.get(kind, 0) + count for kind, count in more.items()}}
+
+
 class _SkipAndBatchIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, batch_size: int, kinds: tuple[str, ...],
-                 drop_remainder: bool, pad_remainder: bool):
+                 drop_remainder: bool, pad_remainder: bool, finite: bool):
         super().__init__(parent)
         self._batch_size = batch_size
         self._kinds = kinds
         self._drop_remainder = drop_remainder
         self._pad_remainder = pad_remainder
+        self._finite = finite
+        self._ahead: tuple[list[Any], dict[str, int], bool] | None = None  # the next group, read early
+        self._ahead_state: Any = None  # the parent's state before that group
+        self._ended = False
+        self._logged: dict[str, int] = {}
 
-    def __next__(self) -> dict[str, Any]:
+    def _log(self, marker: BadInput) -> None:
+        logged = self._logged.get(marker.kind, 0)
+        if logged < LOGGED_PER_KIND:
+            _LOG.warning("Skipped bad input (%s) at source index %d: %s", marker.kind, marker.index, marker.detail)
+        elif logged == LOGGED_PER_KIND:
+            _LOG.warning("More bad inputs of kind %s follow; they are counted in batch['bad_input'], not logged.",
+                         marker.kind)
+        self._logged[marker.kind] = logged + 1
+
+    def _read_group(self) -> tuple[list[Any], dict[str, int], bool]:
+        """Up to batch_size examples and the skips read among them: (examples, counts, parent exhausted)."""
         counts = dict.fromkeys(self._kinds, 0)
-        examples: list[dict[str, Any]] = []
+        examples: list[Any] = []
         while len(examples) < self._batch_size:
             try:
                 element = next(self._parent)
             except StopIteration:
-                break
+                return examples, counts, True
             if isinstance(element, BadInput):
                 # A kind no decoder declared is still counted: nothing is skipped silently.
                 counts[element.kind] = counts.get(element.kind, 0) + 1
+                self._log(element)
             else:
                 examples.append(element)
-        if not examples or (self._drop_remainder and len(examples) < self._batch_size):
-            if any(counts.values()) or examples:
-                _LOG.warning(
-                    "End of data: dropped a final partial batch of %d examples; skipped bad inputs in it: %s",
-                    len(examples), counts,
-                )
+        return examples, counts, False
+
+    def _yields_batch(self, examples: list[Any]) -> bool:
+        return bool(examples) and not (self._drop_remainder and len(examples) < self._batch_size)
+
+    def __next__(self) -> dict[str, Any]:
+        if self._ended:
+            raise StopIteration
+        if self._ahead is not None:
+            (examples, counts, exhausted), self._ahead = self._ahead, None
+        else:
+            examples, counts, exhausted = self._read_group()
+        if self._finite and not exhausted and self._yields_batch(examples):
+            state = copy.deepcopy(self._parent.get_state())
+            following = self._read_group()
+            if self._yields_batch(following[0]):
+                self._ahead, self._ahead_state = following, state
+            else:
+                # The pass ends in a group that yields no batch: this batch carries its skips.
+                if following[0]:
+                    _LOG.warning("End of data: dropped a final partial batch of %d examples.", len(following[0]))
+                counts, exhausted = _added(counts, following[1]), True
+        self._ended = exhausted
+        if not self._yields_batch(examples):
+            self._ended = True
+            if examples:
+                _LOG.warning("End of data: dropped a final partial batch of %d examples; skipped bad inputs in "
+                             "it (in no batch): %s", len(examples), counts)
+            elif any(counts.values()) and not self._drop_remainder:
+                return {"bad_input": {kind: np.int32(count) for kind, count in counts.items()}}
+            elif any(counts.values()):
+                _LOG.warning("End of data: skipped bad inputs in no batch: %s", counts)
             raise StopIteration
         if self._pad_remainder and len(examples) < self._batch_size:
             padding = dict(examples[-1], mask=np.bool_(False))
@@ -125,32 +195,38 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
         return batch
 
     def get_state(self) -> dict[str, Any]:
-        # A batch is emitted whole, so between batches the parent's position is the whole state.
-        return self._parent.get_state()
+        # Between batches the parent's position is the whole state; a group read ahead is read again
+        # after a restore.
+        return self._ahead_state if self._ahead is not None else self._parent.get_state()
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state)
+        self._ahead = self._ahead_state = None
+        self._ended = False
 
 
 class SkipAndBatchIterDataset(grain.IterDataset):
     """Drops `BadInput` markers (counting them by kind into the batch) and stacks examples.
 
     `kinds` are the counts every batch carries (zero when none was seen), so all batches and all
-    hosts report the same keys.
+    hosts report the same keys. `finite`: the parent ends (an eval pass, a fixed number of epochs),
+    so each batch is returned once the next one is read and a final group that yields no batch
+    hands its skips to the last batch (module docstring); False spares an endless parent that
+    read-ahead.
     """
 
     def __init__(self, parent: grain.IterDataset, batch_size: int, *, kinds: Sequence[str] = BAD_INPUT_KINDS,
-                 drop_remainder: bool, pad_remainder: bool):
+                 drop_remainder: bool, pad_remainder: bool, finite: bool = True):
         super().__init__(parent)
         self._batch_size = batch_size
         self._kinds = tuple(kinds)
         self._drop_remainder = drop_remainder
         self._pad_remainder = pad_remainder
+        self._finite = finite
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _SkipAndBatchIterator(
-            self._parent.__iter__(), self._batch_size, self._kinds, self._drop_remainder, self._pad_remainder
-        )
+        return _SkipAndBatchIterator(self._parent.__iter__(), self._batch_size, self._kinds, self._drop_remainder,
+                                     self._pad_remainder, self._finite)
 
     def __str__(self) -> str:
         return f"SkipAndBatch(batch_size={self._batch_size})"

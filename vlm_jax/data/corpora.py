@@ -12,6 +12,11 @@ Readers for what `img2dataset` and similar tools write, each a random-access sou
   that TFDS does not build.
 - `ArrayRecordCorpusSource`: the output of `convert_to_array_record`.
 
+Text must be UTF-8: a manifest line or row that is not, or a WebDataset text member that is not,
+makes its record a bad input of kind "undecodable_text" (`BadRecordError`, detail naming the file
+and line or the tar member), skipped and counted by the pipeline like any other; the rest of the
+file is read as usual.
+
 Examples are flat dicts. Field names: "id" (str), "image" (encoded image bytes), text fields as
 str or list[str] ("caption" for `.txt`, "<name>" for `.<name>.txt`), "json" (the raw JSON
 member or extra-metadata text), "label" (int) for classification sources.
@@ -20,7 +25,9 @@ ArrayRecord record format ("vlm_jax.corpus/1"): each record is one msgpack map f
 to a msgpack value (bytes, str, int, float, bool, None or a list of those), with the key
 "_format" holding the format string. Images are stored exactly as found (the original JPEG/PNG
 bytes, not re-encoded), so the converted corpus decodes to identical pixels. Conversion never
-drops an example: a broken one is written as found and is skipped and counted by the pipeline.
+drops an example: a broken one is written as found and is skipped and counted by the pipeline; a
+record its source cannot read is written as a marker ("_bad_input": {"kind", "detail"}) that reads
+back as the same `BadRecordError`.
 """
 
 from __future__ import annotations
@@ -30,14 +37,19 @@ import csv
 import dataclasses
 import glob
 import json
+import logging
 import os
 import tarfile
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgpack
 import numpy as np
 
+from vlm_jax.data.bad_input import BadRecordError
+
+_LOG = logging.getLogger(__name__)
 RECORD_FORMAT = "vlm_jax.corpus/1"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
@@ -68,12 +80,16 @@ def encode_record(example: Mapping[str, Any]) -> bytes:
 
 
 def decode_record(record: bytes) -> dict[str, Any]:
-    """Inverse of `encode_record`; raises ValueError on a record of another format."""
+    """Inverse of `encode_record`; raises ValueError on a record of another format and
+    `BadRecordError` on the marker of a record its source could not read."""
     example = msgpack.unpackb(record, raw=False)
     if not isinstance(example, dict) or example.pop("_format", None) != RECORD_FORMAT:
         raise ValueError(
             f"Record is not in the {RECORD_FORMAT} format; write it with vlm_jax.data.corpora.convert_to_array_record."
         )
+    if "_bad_input" in example:
+        marker = example["_bad_input"]
+        raise BadRecordError(marker["kind"], marker["detail"])
     return example
 
 
@@ -92,6 +108,7 @@ def _field_name(extension: str) -> str | None:
 @dataclasses.dataclass(frozen=True)
 class _Member:
     shard: int
+    name: str
     offset: int
     size: int
 
@@ -101,6 +118,8 @@ class WebDatasetSource:
 
     `source[i]` returns {"id": key, "image": bytes, "caption": str, "json": str, ...}; fields
     are absent when the member is. Keys keep their order of first appearance, shard by shard.
+    A text member (.txt, .json) that is not UTF-8 raises `BadRecordError("undecodable_text")`
+    naming the shard and member.
     """
 
     def __init__(self, paths: str | Sequence[str]):
@@ -122,7 +141,7 @@ class WebDatasetSource:
                         key_to_row[key] = len(self._keys)
                         self._keys.append(key)
                         self._members.append({})
-                    self._members[key_to_row[key]][extension] = _Member(shard, info.offset_data, info.size)
+                    self._members[key_to_row[key]][extension] = _Member(shard, info.name, info.offset_data, info.size)
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -137,7 +156,12 @@ class WebDatasetSource:
             if field is None:
                 example["image"] = data
             elif extension.endswith("txt") or extension.endswith("json"):
-                example[field] = data.decode("utf-8", errors="replace")
+                try:
+                    example[field] = data.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise BadRecordError("undecodable_text", (
+                        f"{self.paths[member.shard]}: member {member.name} is not UTF-8 text "
+                        f"(byte 0x{data[error.start]:02x} at offset {error.start})")) from None
             else:
                 example[field] = data
         return example
@@ -146,13 +170,74 @@ class WebDatasetSource:
         return f"WebDatasetSource({len(self.paths)} shards, {len(self)} examples)"
 
 
-def _read_table(path: str) -> list[dict[str, Any]]:
+@dataclasses.dataclass(frozen=True)
+class _UndecodableRow:
+    """A manifest row whose text is not UTF-8; reading it raises `BadRecordError`."""
+
+    detail: str
+
+
+def _utf8_error(data: bytes) -> UnicodeDecodeError | None:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return error
+    return None
+
+
+def _undecodable(where: str, data: bytes, error: UnicodeDecodeError) -> _UndecodableRow:
+    return _UndecodableRow(f"{where}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start})")
+
+
+def _read_jsonl(path: str) -> list[dict[str, Any] | _UndecodableRow]:
+    rows: list[dict[str, Any] | _UndecodableRow] = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            error = _utf8_error(raw)
+            if error is not None:
+                rows.append(_undecodable(f"{path}:{number}", raw, error))
+                continue
+            line = raw.decode("utf-8")
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number} is not valid JSON ({error}); fix or remove the line.") from None
+    return rows
+
+
+def _read_csv(path: str) -> list[dict[str, Any] | _UndecodableRow]:
+    rows: list[dict[str, Any] | _UndecodableRow] = []
+    # surrogateescape keeps bytes that are not UTF-8 as lone surrogates, so one bad row does not stop
+    # the reader; such a row is found by encoding its values back.
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",")
+        if any(_escaped_utf8_error(name) for name in reader.fieldnames or ()):
+            raise ValueError(f"{path}: the header row is not UTF-8 text; re-encode the file as UTF-8.")
+        for row in reader:
+            for value in row.values():
+                error = _escaped_utf8_error(value)
+                if error is not None:
+                    rows.append(_undecodable(f"{path}:{reader.line_num}", error.object, error))
+                    break
+            else:
+                rows.append(row)
+    return rows
+
+
+def _escaped_utf8_error(value: Any) -> UnicodeDecodeError | None:
+    """The decoding error of a str read with errors="surrogateescape", None when it was UTF-8."""
+    if not isinstance(value, str) or value.isascii():
+        return None
+    return _utf8_error(value.encode("utf-8", "surrogateescape"))
+
+
+def _read_table(path: str) -> list[dict[str, Any] | _UndecodableRow]:
     if path.endswith(".jsonl") or path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return _read_jsonl(path)
     if path.endswith(".csv") or path.endswith(".tsv"):
-        with open(path, encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
+        return _read_csv(path)
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq  # only parquet manifests need pyarrow
 
@@ -165,7 +250,9 @@ class ManifestSource:
 
     `source[i]` returns the row with its `image_path_key` column replaced by "image" (the file's
     bytes, or None when the file is missing) and "id" set (the `id_key` column, else the path).
-    A `label` column in CSV manifests is parsed as int.
+    A `label` column in CSV manifests is parsed as int. A row whose text is not UTF-8 raises
+    `BadRecordError("undecodable_text")` naming the file and line; it is logged when the manifest
+    is read, and the other rows read as usual.
     """
 
     def __init__(
@@ -179,17 +266,22 @@ class ManifestSource:
         self.paths = _expand_paths(paths)
         self.image_path_key = image_path_key
         self.id_key = id_key
-        self._rows: list[dict[str, Any]] = []
+        self._rows: list[dict[str, Any] | _UndecodableRow] = []
         self._roots: list[str] = []
         for path in self.paths:
             rows = _read_table(path)
             root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
+            undecodable = [row.detail for row in rows if isinstance(row, _UndecodableRow)]
             for row in rows:
-                if image_path_key not in row:
+                if not isinstance(row, _UndecodableRow) and image_path_key not in row:
                     raise KeyError(
                         f"Manifest {path!r} has no column {image_path_key!r} (columns: {sorted(row)}); "
                         "set image_path_key to the column holding image paths."
                     )
+            if undecodable:
+                _LOG.warning("Manifest %s: %d row(s) are not UTF-8 text and will be skipped and counted as "
+                             "undecodable_text: %s", path, len(undecodable), "; ".join(undecodable[:10])
+                             + ("; ..." if len(undecodable) > 10 else ""))
             self._rows.extend(rows)
             self._roots.extend([root] * len(rows))
 
@@ -197,6 +289,8 @@ class ManifestSource:
         return len(self._rows)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if isinstance(self._rows[index], _UndecodableRow):
+            raise BadRecordError("undecodable_text", self._rows[index].detail)
         row = dict(self._rows[index])
         image_path = str(row.pop(self.image_path_key))
         full_path = os.path.join(self._roots[index], image_path)
@@ -288,17 +382,32 @@ def lift_json_fields(example: dict[str, Any], keys: Sequence[str]) -> dict[str, 
     return example
 
 
+def _read_for_conversion(source: Any, index: int, json_fields: Sequence[str]) -> dict[str, Any]:
+    """The example to write for `source[index]`; a record the source cannot read becomes its marker."""
+    try:
+        return lift_json_fields(dict(source[index]), json_fields)
+    except BadRecordError as error:
+        return {"_bad_input": {"kind": error.kind, "detail": error.detail}}
+
+
 def _write_shard(
     source: Any, path: str, start: int, stop: int, json_fields: Sequence[str], group_size: int
 ) -> int:
     from array_record.python import array_record_module
 
-    writer = array_record_module.ArrayRecordWriter(path, f"group_size:{group_size}")
+    # Written under a temporary name and renamed when whole, so a reader's glob never finds a prefix.
+    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    writer = array_record_module.ArrayRecordWriter(temporary, f"group_size:{group_size}")
     try:
-        for index in range(start, stop):
-            writer.write(encode_record(lift_json_fields(dict(source[index]), json_fields)))
+        try:
+            for index in range(start, stop):
+                writer.write(encode_record(_read_for_conversion(source, index, json_fields)))
+        finally:
+            writer.close()
+        os.replace(temporary, path)
     finally:
-        writer.close()
+        if os.path.exists(temporary):
+            os.remove(temporary)
     return stop - start
 
 
@@ -317,7 +426,8 @@ def convert_to_array_record(
     Shard k holds the contiguous index range [k*N/num_shards, (k+1)*N/num_shards), so the output
     is the same for any `num_threads`. `json_fields` lifts keys of a "json" field into top-level
     fields (e.g. ("recaption", "regions")). `group_size=1` keeps single-record random reads cheap.
-    A `<name>.meta.json` file records the count, the format and the field names seen.
+    A `<name>.meta.json` file records the count, the format and the field names seen; it is written
+    last, and each shard is renamed into place only when whole.
 
     Returns:
       The written shard paths, `<output_dir>/<name>-0000k-of-0000n.array_record`.
@@ -331,8 +441,11 @@ def convert_to_array_record(
     jobs = [(source, paths[k], bounds[k], bounds[k + 1], tuple(json_fields), group_size) for k in range(num_shards)]
     with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
         written = sum(pool.map(lambda job: _write_shard(*job), jobs))
-    fields = sorted({key for index in range(min(total, 64)) for key in source[index]} | set(json_fields))
-    with open(os.path.join(output_dir, f"{name}.meta.json"), "w") as f:
+    fields = sorted({key for index in range(min(total, 64))
+                     for key in _read_for_conversion(source, index, ()) if key != "_bad_input"} | set(json_fields))
+    meta_path = os.path.join(output_dir, f"{name}.meta.json")
+    with open(meta_path + ".tmp", "w") as f:
         json.dump({"format": RECORD_FORMAT, "num_examples": written, "shards": [os.path.basename(p) for p in paths],
                    "fields": fields}, f, indent=1)
+    os.replace(meta_path + ".tmp", meta_path)
     return paths

@@ -47,16 +47,34 @@ def decode_image(value: Any) -> np.ndarray:
     return array[:, :, :3]
 
 
-def _as_text(value: Any) -> str | None:
+def _as_text(value: Any, errors: str = "strict") -> str | None:
+    """A str or UTF-8 bytes as str; None for anything else.
+
+    Raises:
+      UnicodeDecodeError: bytes that are not UTF-8 (with `errors="strict"`).
+    """
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value.item()
     if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
+        value = value.decode("utf-8", errors=errors)
     return value if isinstance(value, str) else None
 
 
+def _as_id(value: Any) -> str:
+    # An id only names the example: bytes that are not UTF-8 stay readable as escapes.
+    return _as_text(value, errors="backslashreplace") or str(value)
+
+
+def _not_utf8(key: str, error: UnicodeDecodeError) -> str:
+    return f"field {key!r} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start})"
+
+
 def _as_text_list(value: Any) -> list[str] | None:
-    """A str or a list/array of str as a list; None for anything else."""
+    """A str or a list/array of str as a list; None for anything else.
+
+    Raises:
+      UnicodeDecodeError: bytes that are not UTF-8.
+    """
     single = _as_text(value)
     if single is not None:
         return [single]
@@ -115,7 +133,7 @@ class ExampleDecoder(grain.transforms.RandomMap):
 
     def _bad(self, kind: str, fetched: Fetched, detail: str, record: Mapping[str, Any] | None = None) -> BadInput:
         example_id = record.get(self.id_key) if record is not None and self.id_key else None
-        example_id = (_as_text(example_id) or str(example_id)) if example_id is not None else None
+        example_id = _as_id(example_id) if example_id is not None else None
         return reject(kind, fetched.index, detail, self.on_bad_input, example_id)
 
     def _image(self, raw: Any, rng: np.random.Generator) -> np.ndarray:
@@ -157,7 +175,7 @@ class ExampleDecoder(grain.transforms.RandomMap):
                 return self._bad("missing_field", element, f"no {self.label_key!r} field", record)
             example["label"] = np.int32(record[self.label_key])
         if self.id_key is not None and record.get(self.id_key) is not None:
-            example["id"] = _as_text(record[self.id_key]) or str(record[self.id_key])
+            example["id"] = _as_id(record[self.id_key])
         for key in self.passthrough_keys:
             if key not in record:
                 return self._bad("missing_field", element, f"no {key!r} field", record)
@@ -171,7 +189,10 @@ class ExampleDecoder(grain.transforms.RandomMap):
         key = self.text_keys[key_index]
         if record.get(key) is None:
             return self._bad("missing_field", element, f"no {key!r} field", record)
-        texts = _as_text_list(record[key])
+        try:
+            texts = _as_text_list(record[key])
+        except UnicodeDecodeError as error:
+            return self._bad("undecodable_text", element, _not_utf8(key, error), record)
         if texts is None:
             return self._bad("missing_field", element, f"field {key!r} holds no text", record)
         texts = [t.strip() for t in texts if t.strip()]
@@ -186,7 +207,10 @@ class ExampleDecoder(grain.transforms.RandomMap):
 
     def _all_texts(self, record, element, example):
         key = self.text_keys[0]
-        texts = _as_text_list(record.get(key))
+        try:
+            texts = _as_text_list(record.get(key))
+        except UnicodeDecodeError as error:
+            return self._bad("undecodable_text", element, _not_utf8(key, error), record)
         if texts is None:
             return self._bad("missing_field", element, f"no text field {key!r}", record)
         texts = [t.strip() for t in texts if t.strip()][: self.texts_per_example]

@@ -25,9 +25,11 @@ number of batches. The last batch is partial unless `pad_last_batch` (padding ro
 
 Bad input (`vlm_jax.data.bad_input`): a record that cannot be read, an image that does not decode,
 a missing field, an empty caption or a stored embedding with NaN/inf is either skipped and counted
-or raises `BadInputError`, per `on_bad_input`. Skip counts ride along in each batch as
-`batch["bad_input"] = {kind: int32 count}` (so they survive worker processes; batch maps never
-see or drop them); `BadInputCounter` sums them for the trainer's metrics.
+or raises `BadInputError`, per `on_bad_input`; so is text that is not UTF-8 ("undecodable_text").
+Skip counts ride along in each batch as `batch["bad_input"] = {kind: int32 count}` (so they survive
+worker processes; batch maps never see or drop them); `BadInputCounter` sums them for the trainer's
+metrics. A finite pass counts every skip in some batch, also those after its last example: an eval
+pass whose examples are all bad yields one batch holding only "bad_input" (batch maps skip it).
 
 Batch fields (`ExampleDecoder`): "image" float32 [B, S, S, 3] (normalized by the model's
 PreprocessSpec); "text_ids" int32 [B, L] (or [B, C, L] with "text_mask" bool [B, C] when
@@ -56,6 +58,7 @@ from vlm_jax.data.bad_input import (
     BadInput,
     BadInputCounter,
     BadInputError,
+    BadRecordError,
     Fetched,
     FetchingSource,
     SkipAndBatchIterDataset,
@@ -152,6 +155,8 @@ class _ApplyBatchMaps:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         bad_input = batch.pop("bad_input")
+        if not batch:  # a batch of skip counts alone: no examples to map
+            return {"bad_input": bad_input}
         for batch_map in self.batch_maps:
             batch = batch_map(batch)
             if not isinstance(batch, Mapping):
@@ -166,6 +171,7 @@ def _finish(
     kinds: tuple[str, ...],
     drop_remainder: bool,
     pad_remainder: bool,
+    finite: bool,
     batch_maps: Sequence[BatchMap],
     worker_count: int,
     worker_buffer_size: int,
@@ -174,7 +180,8 @@ def _finish(
 ) -> grain.IterDataset:
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer_size))
     iter_ds = SkipAndBatchIterDataset(
-        iter_ds, batch_size, kinds=kinds, drop_remainder=drop_remainder, pad_remainder=pad_remainder
+        iter_ds, batch_size, kinds=kinds, drop_remainder=drop_remainder, pad_remainder=pad_remainder,
+        finite=finite,
     )
     if batch_maps:
         # Before the workers: the maps run in them, and the iterator state stays one position.
@@ -238,7 +245,7 @@ def train_mixture(
     streams are mixed by weight (module docstring). `batch_maps` (batch dict -> batch dict) run in
     order on every batch, inside the restorable iterator. `num_epochs=None` repeats forever; a
     finite count ends the mixture when a source has no examples left, dropping the last partial
-    batch so every host steps the same number of times.
+    batch so every host steps the same number of times (its skips are counted in the batch before).
     """
     sources = list(sources)
     if not sources:
@@ -257,7 +264,7 @@ def train_mixture(
     ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, active)
     return _finish(
         ds, batch_size, kinds=_bad_input_kinds([part.decoder for part in sources]), drop_remainder=True,
-        pad_remainder=False, batch_maps=batch_maps, worker_count=worker_count,
+        pad_remainder=False, finite=num_epochs is not None, batch_maps=batch_maps, worker_count=worker_count,
         worker_buffer_size=worker_buffer_size, read_threads=read_threads, read_buffer_size=read_buffer_size,
     )
 
@@ -296,7 +303,7 @@ def eval_dataset(
     ds = _decode(ds, decoder)
     return _finish(
         ds, batch_size, kinds=_bad_input_kinds([decoder]), drop_remainder=False, pad_remainder=pad_last_batch,
-        batch_maps=batch_maps, worker_count=worker_count, worker_buffer_size=worker_buffer_size,
+        finite=True, batch_maps=batch_maps, worker_count=worker_count, worker_buffer_size=worker_buffer_size,
         read_threads=read_threads, read_buffer_size=read_buffer_size,
     )
 
@@ -485,6 +492,6 @@ def make_eval_iterator(
 
 
 __all__ = ["ARRAY_BAD_INPUT_KINDS", "BAD_INPUT_KINDS", "ArrayDecoder", "ArraySource", "BadInputCounter",
-           "BadInputError", "BatchMap", "ExampleDecoder", "WeightedSource", "decode_image", "default_config",
-           "eval_dataset", "make_decoder", "make_eval_iterator", "make_source", "make_train_iterator",
+           "BadInputError", "BadRecordError", "BatchMap", "ExampleDecoder", "WeightedSource", "decode_image",
+           "default_config", "eval_dataset", "make_decoder", "make_eval_iterator", "make_source", "make_train_iterator",
            "per_process_batch_size", "resolve_process", "train_dataset", "train_mixture"]

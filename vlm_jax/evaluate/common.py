@@ -1,9 +1,16 @@
-"""Pieces shared by the evaluators: the evaluator registry and jitted, fixed-batch encoders."""
+"""Pieces shared by the evaluators: the evaluator registry, jitted fixed-batch encoders, and the
+counts of evaluated and skipped inputs every evaluator reports.
+
+Every evaluator's metrics hold "evaluated" (examples scored), "skipped" (inputs skipped as bad)
+and "skipped/<reason>" per bad-input kind (`vlm_jax.data.bad_input`), so under a suite's
+`<name>/` prefix they read "cars/evaluated", "cars/skipped", "cars/skipped/corrupt_image";
+`skip_footnote` turns them into a results table's footnote.
+"""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 import jax
@@ -81,12 +88,72 @@ class BatchedEncoder:
         return np.concatenate(outputs)
 
 
-def iterate_batches(data: Callable[[], Iterable[dict[str, np.ndarray]]]) -> Iterator[dict[str, np.ndarray]]:
-    """Calls the data factory for a fresh pass and checks that it yields dict batches."""
+def iterate_batches(data: Callable[[], Iterable[dict[str, np.ndarray]]],
+                    skipped: dict[str, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Calls the data factory for a fresh pass and yields its dict batches without "bad_input".
+
+    Each batch's skip counts ("bad_input": {kind: count}) are added to `skipped`; a batch of counts
+    alone (a pass whose inputs were all bad) is counted and not yielded. The batches are not changed.
+    """
     for batch in data():
         if not isinstance(batch, dict):
             raise TypeError(f"Expected evaluation batches as dicts of numpy arrays, found {type(batch).__name__}.")
+        if "bad_input" in batch:
+            if skipped is not None:
+                for kind, count in batch["bad_input"].items():
+                    skipped[kind] = skipped.get(kind, 0) + int(count)
+            batch = {key: value for key, value in batch.items() if key != "bad_input"}
+            if not batch:
+                continue
         yield batch
+
+
+def real_rows(batch: Mapping[str, np.ndarray], rows: int) -> np.ndarray:
+    """bool [rows]: the batch's "mask" (False on padding and wrap-around rows), else all True."""
+    if "mask" not in batch:
+        return np.ones(rows, bool)
+    return np.asarray(batch["mask"], bool).reshape(rows)
+
+
+def skip_metrics(skipped: Mapping[str, int], evaluated: int) -> dict[str, float]:
+    """{"evaluated", "skipped", "skipped/<reason>" for every reason the batches counted} as floats."""
+    metrics = {"evaluated": float(evaluated), "skipped": float(sum(skipped.values()))}
+    metrics.update({f"skipped/{kind}": float(count) for kind, count in sorted(skipped.items())})
+    return metrics
+
+
+def _count(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+# Suffixes that a results summary adds under a metric (spread over seeds); they are not reasons.
+_SUMMARY_SUFFIXES = ("std", "min", "max")
+
+
+def skip_footnote(metrics: Mapping[str, float]) -> str:
+    """A results table's footnote, one line per evaluator that skipped inputs ("" when none did):
+
+        * zero_shot/cars: 5 of 9 inputs skipped (corrupt_image 5)
+
+    `metrics` holds "<name>/skipped", "<name>/skipped/<reason>" and "<name>/evaluated" as the
+    evaluators return them (any prefix before <name> is kept in the line).
+    """
+    lines = []
+    for key in sorted(metrics):
+        if not key.endswith("/skipped") or not metrics[key]:
+            continue
+        name = key[: -len("/skipped")]
+        reasons = []
+        for reason_key in sorted(metrics):
+            reason = reason_key[len(key) + 1:]
+            if (reason_key.startswith(key + "/") and "/" not in reason and metrics[reason_key]
+                    and reason not in _SUMMARY_SUFFIXES and not reason.startswith("seed_")):
+                reasons.append(f"{reason} {_count(metrics[reason_key])}")
+        evaluated = metrics.get(f"{name}/evaluated")
+        total = f" of {_count(metrics[key] + evaluated)}" if evaluated is not None else ""
+        why = f" ({', '.join(reasons)})" if reasons else ""
+        lines.append(f"* {name}: {_count(metrics[key])}{total} inputs skipped{why}")
+    return "\n".join(lines)
 
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from vlm_jax.evaluate.common import iterate_batches, register_evaluator
+from vlm_jax.evaluate.common import iterate_batches, real_rows, register_evaluator, skip_metrics
 from vlm_jax.evaluate.views import View
 
 # Queries scored per block, bounding the host memory of the score matrix.
@@ -75,7 +75,8 @@ class RetrievalEvaluator:
       data: callable returning a fresh iterable of batches with the view's inputs ("image" and
         "text_ids" int32 [B, C, L], or "image_embedding" [B, D] and "text_embedding" [B, C, D]) for
         C captions per image, optionally "text_mask": bool [B, C] marking real captions (padded ones
-        are left out).
+        are left out), "mask" bool [B] (False rows are not scored) and "bad_input" {kind: count}
+        (the inputs skipped, reported as "skipped" and "skipped/<kind>" beside "evaluated" images).
       ks: the K values of recall@K.
       prefix: prepended to every metric name.
     """
@@ -85,20 +86,23 @@ class RetrievalEvaluator:
         self.data, self.ks, self.prefix = data, tuple(ks), prefix
 
     def run(self, view: View) -> dict[str, float]:
-        image_embeddings, text_embeddings, text_to_image = [], [], []
+        image_embeddings, text_embeddings, text_to_image, skipped = [], [], [], {}
         num_images = 0
-        for batch in iterate_batches(self.data):
+        for batch in iterate_batches(self.data, skipped):
             captions = view.captions(batch)
-            batch_images, captions_per_image = captions.shape[:2]
-            mask = np.asarray(batch.get("text_mask", np.ones((batch_images, captions_per_image), bool)), bool)
-            image_embeddings.append(view.images(batch))
+            real = real_rows(batch, captions.shape[0])
+            mask = np.asarray(batch.get("text_mask", np.ones(captions.shape[:2], bool)), bool)[real]
+            captions = captions[real]
+            batch_images = len(captions)
+            image_embeddings.append(view.images(batch)[real])
             text_embeddings.append(captions[mask])
             owner = np.broadcast_to(np.arange(batch_images)[:, None], mask.shape)[mask]
             text_to_image.append(num_images + owner)
             num_images += batch_images
-        if not image_embeddings:
-            raise ValueError("The retrieval data yielded no batches.")
+        if not num_images:
+            raise ValueError(f"The retrieval data yielded no examples to score (skipped as bad input: {skipped}).")
         metrics = retrieval_metrics(
             np.concatenate(image_embeddings), np.concatenate(text_embeddings), np.concatenate(text_to_image), self.ks
         )
+        metrics.update(skip_metrics(skipped, num_images))
         return {self.prefix + name: value for name, value in metrics.items()}

@@ -23,6 +23,7 @@ from vlm_jax.data import datasets, pipeline
 from vlm_jax.evaluate.views import StoredPrompts
 from vlm_jax.evaluate.zero_shot import class_prompts
 from vlm_jax.memory import build as memory_build
+from vlm_jax.memory import store
 from vlm_jax.memory.store import load_memory
 
 PROMPT_EMBEDDINGS = "prompt_embeddings.npy"
@@ -83,21 +84,30 @@ def store_eval_embeddings(spec, pretrained, directory: epath.PathLike, embed: Ma
     if texts_path.exists() and embeddings_path.exists() and json.loads(texts_path.read_text()) == texts:
         return
     view = pixel_view(pretrained.model, pretrained.tokenizer, int(embed["batch_size"]))
-    with embeddings_path.open("wb") as file:
-        np.save(file, view.prompts(texts).astype(np.float32))
-    texts_path.write_text(json.dumps(texts))
+    # The texts mark the embeddings as whole and theirs: removed first, written last.
+    if texts_path.exists():
+        texts_path.unlink()
+    store.save_array(str(embeddings_path), view.prompts(texts).astype(np.float32))
+    store.write_atomic(str(texts_path), lambda file: json.dump(texts, file), binary=False)
 
 
 def stored_batches(directory: epath.PathLike, spec) -> Callable[[], Iterable[dict[str, np.ndarray]]]:
     """Batches of a stored eval set: "image_embedding" [B, D] with "label" [B] (zero-shot) or
-    "text_embedding" [B, 1, D] (retrieval); bad rows were skipped and counted when it was stored."""
+    "text_embedding" [B, 1, D] (retrieval); bad rows were skipped and counted when it was stored,
+    and the first batch carries those counts as "bad_input" (a set stored without rows: a batch of
+    the counts alone)."""
     memory = load_memory(str(directory))
     batch_size = int(spec.batch_size)
+    bad_input = {kind: int(count) for kind, count in memory.completion.get("bad_input", {}).items()}
 
     def batches():
+        if not memory.num_rows:
+            yield {"bad_input": dict(bad_input)}
         for start in range(0, memory.num_rows, batch_size):
             stop = min(start + batch_size, memory.num_rows)
             batch = {"image_embedding": memory.read("image_embeddings", start, stop)}
+            if start == 0:
+                batch["bad_input"] = dict(bad_input)
             if spec.type == "zero_shot":
                 batch["label"] = memory.read("labels", start, stop)
             else:

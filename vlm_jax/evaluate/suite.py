@@ -20,7 +20,9 @@
     )
 
 Every process evaluates the whole eval set (eval sets are small next to training data), so metrics
-are identical on all processes of a multi-host job.
+are identical on all processes of a multi-host job. Besides its scores each evaluator reports
+`<name>/evaluated`, `<name>/skipped` and `<name>/skipped/<reason>` (inputs skipped as bad), and an
+evaluator that skipped any logs a warning; `common.skip_footnote(metrics)` is the table footnote.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 from vlm_jax.config_lib import ConfigError, check_fields
 from vlm_jax.data import datasets, pipeline
 from vlm_jax.evaluate import stored
-from vlm_jax.evaluate.common import Evaluator, get_evaluator
+from vlm_jax.evaluate.common import Evaluator, get_evaluator, skip_footnote
 from vlm_jax.evaluate.views import View, pixel_view, stored_view
 
 
@@ -122,7 +125,12 @@ class SpecEvaluator:
         if self.spec.pred not in offered:
             raise ConfigError(f"evals.{self.name}.pred={self.spec.pred!r} is not a view of this method; "
                               f"expected one of {sorted(offered)}.")
-        return {f"{self.name}/{key}": value for key, value in self.evaluator.run(offered[self.spec.pred]).items()}
+        metrics = {f"{self.name}/{key}": value for key, value in self.evaluator.run(offered[self.spec.pred]).items()}
+        footnote = skip_footnote(metrics)
+        if footnote:
+            logging.warning("Evaluation skipped bad inputs (set data.on_bad_input='raise' to stop at the first):\n%s",
+                            footnote)
+        return metrics
 
 
 def clip_views(model, inputs: Callable[[Any], View]) -> dict[str, View]:

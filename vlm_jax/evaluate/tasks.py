@@ -9,6 +9,7 @@ from etils import epath
 
 from vlm_jax.config_lib import ConfigError, require_path
 from vlm_jax.evaluate import suite
+from vlm_jax.evaluate.common import skip_footnote
 
 
 def write_results(workdir: epath.Path, metrics: dict[str, float]) -> None:
@@ -30,5 +31,8 @@ def zero_shot_eval(config, workdir: epath.Path) -> dict[str, float]:
     metrics = suite.run_evaluators(evaluators, pretrained.model)
     for name, value in sorted(metrics.items()):
         logging.info("%s = %.4f", name, value)
+    footnote = skip_footnote(metrics)
+    if footnote:
+        print(footnote, flush=True)
     write_results(workdir, metrics)
     return metrics

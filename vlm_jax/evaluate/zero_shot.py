@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from vlm_jax.evaluate.common import iterate_batches, register_evaluator
+from vlm_jax.evaluate.common import iterate_batches, real_rows, register_evaluator, skip_metrics
 from vlm_jax.evaluate.views import View
 from vlm_jax.memory.store import unit_rows
 
@@ -121,7 +121,9 @@ class ZeroShotEvaluator:
 
     Args:
       data: callable returning a fresh iterable of batches with the view's image inputs ("image"
-        float32 [B, H, W, 3] preprocessed, or "image_embedding" [B, D]) and "label" int32 [B].
+        float32 [B, H, W, 3] preprocessed, or "image_embedding" [B, D]) and "label" int32 [B];
+        optionally "mask" bool [B] (False rows are not scored) and "bad_input" {kind: count} (the
+        inputs skipped, reported as "skipped" and "skipped/<kind>" beside "evaluated").
       class_names: C names, indexed by label.
       templates: see `class_prompts`.
       subsets: optional name -> class ids for per-subset top-1 (e.g. {"common": [...], "rare": [...]}).
@@ -142,11 +144,15 @@ class ZeroShotEvaluator:
 
     def run(self, view: View) -> dict[str, float]:
         classifier = zero_shot_classifier(view.prompts, self.class_names, self.templates)
-        logits, labels = [], []
-        for batch in iterate_batches(self.data):
-            logits.append(view.images(batch) @ classifier.T)
-            labels.append(np.asarray(batch["label"]))
-        if not logits:
-            raise ValueError("The zero-shot data yielded no batches.")
+        logits, labels, skipped = [], [], {}
+        for batch in iterate_batches(self.data, skipped):
+            batch_labels = np.asarray(batch["label"])
+            real = real_rows(batch, len(batch_labels))
+            logits.append((view.images(batch) @ classifier.T)[real])
+            labels.append(batch_labels[real])
+        evaluated = sum(len(part) for part in labels)
+        if not evaluated:
+            raise ValueError(f"The zero-shot data yielded no examples to score (skipped as bad input: {skipped}).")
         metrics = classification_metrics(np.concatenate(logits), np.concatenate(labels), self.subsets)
+        metrics.update(skip_metrics(skipped, evaluated))
         return {self.prefix + name: value for name, value in metrics.items()}

@@ -14,9 +14,15 @@ stops (preemption, SIGKILL) resumes at its first unfinished shard, whatever the 
 resumed run. The process that finds every shard finished writes the completion marker (`finalize`
 does the same by hand) and returns the `Memory`; the others return None.
 
-Bad input (unreadable records, corrupt images, missing fields, empty captions) follows
-`data.on_bad_input`: skipped and counted per shard (and in total in complete.json), or an error
-naming the shard. Skipped rows leave no hole: `indices` gives each memory row's source row.
+Bad input (unreadable records, corrupt images, missing fields, empty or undecodable captions)
+follows `data.on_bad_input`: skipped and counted per shard (and in total in complete.json), or an
+error naming the shard. Every source row is accounted for: a shard's kept rows plus its skips by
+reason equal its source rows, and complete.json's `num_rows + skipped == source_rows`. Skipped
+rows leave no hole: `indices` gives each memory row's source row.
+
+Writes are atomic (`vlm_jax.memory.store`): every file goes to a temporary name and is renamed
+into place, a shard's record is written after its arrays, and complete.json after every shard, so
+an interrupted build leaves nothing `load_memory` takes as complete, and a rerun resumes it.
 
 A resumed build must describe the same memory: the manifest written by the first run pins the data
 section, shard size, storage dtype, kept fields and the model (its config and a SHA-256 of its
@@ -287,6 +293,9 @@ def _embed_shard(
     try:
         for batch in dataset:
             skipped = sum(counter.update(batch).values())
+            if not batch:  # the skip counts of a shard without a usable row
+                advance(skipped)
+                continue
             indices = np.asarray(batch["index"], np.int64) + start
             parts["indices"].append(indices)
             ids = batch.get("id")
@@ -307,7 +316,13 @@ def _embed_shard(
              "texts": np.zeros(0, str), "image_embeddings": np.zeros((0, embed_dim), np.float32),
              "text_embeddings": np.zeros((0, embed_dim), np.float32)}
     arrays = {field: np.concatenate(values) if values else empty[field] for field, values in parts.items()}
-    return arrays, {kind: int(count) for kind, count in counter.totals.items()}
+    bad_input = {kind: int(count) for kind, count in counter.totals.items()}
+    if len(arrays["indices"]) + sum(bad_input.values()) != stop - start:
+        raise RuntimeError(
+            f"Memory shard {shard} kept {len(arrays['indices'])} rows and skipped {sum(bad_input.values())} "
+            f"({bad_input}) of its {stop - start} source rows; the pipeline lost count of some rows."
+        )
+    return arrays, bad_input
 
 
 def _write_shard(out_dir: str, shard: int, start: int, stop: int, arrays: dict[str, np.ndarray],
@@ -323,6 +338,9 @@ def _write_shard(out_dir: str, shard: int, start: int, stop: int, arrays: dict[s
 
 def finalize(out_dir: str | os.PathLike) -> Memory:
     """Checks that every shard is finished, writes complete.json with the totals and opens the memory.
+
+    complete.json: {"num_rows": kept rows, "skipped": skipped rows, "bad_input": {kind: skipped},
+    "source_rows": rows read, "seconds": embedding time}; num_rows + skipped == source_rows.
 
     Raises:
       IncompleteMemoryError: listing the shards that are not finished yet.
@@ -340,8 +358,16 @@ def finalize(out_dir: str | os.PathLike) -> Memory:
     for record in records:
         for kind, count in record["bad_input"].items():
             bad_input[kind] = bad_input.get(kind, 0) + count
+    unaccounted = [record["shard"] for record in records
+                   if record["rows"] + sum(record["bad_input"].values()) != record["stop"] - record["start"]]
+    if unaccounted:
+        logging.warning(
+            "Memory %s: the records of shards %s do not account for every source row (kept + skipped != rows); "
+            "delete those shard_*.json files and resume the build to count them again.", out_dir, unaccounted)
     completion = {"num_rows": sum(record["rows"] for record in records), "bad_input": bad_input,
+                  "skipped": sum(bad_input.values()), "source_rows": manifest["source_rows"],
                   "seconds": round(sum(record["seconds"] for record in records), 3)}
+    # Last: its presence tells readers that every shard above is whole.
     store.save_json(os.path.join(out_dir, store.COMPLETE_FILE), completion)
     store.remove_temporary_files(out_dir)
     return load_memory(out_dir)
@@ -430,7 +456,9 @@ def build_memory(
             _write_shard(out_dir, shard, start, stop, arrays, bad_input, store.storage_dtype(config.dtype),
                          process_index, time.perf_counter() - began)
             if any(bad_input.values()):
-                logging.warning("Memory shard %d skipped bad inputs: %s", shard, bad_input)
+                logging.warning("Memory shard %d (source rows %d-%d; the indices logged above count from %d) "
+                                "skipped bad inputs: %s", shard, start, stop - 1, start,
+                                {kind: count for kind, count in bad_input.items() if count})
             if on_shard_written is not None:
                 on_shard_written(shard)
 

@@ -7,7 +7,8 @@ A memory directory (written by `vlm_jax.memory.build.build_memory`):
     shard_00000.<field>.npy        one array per stored field, the shard's kept rows in source order
     shard_00000.json               the shard's record: source row range, kept rows, bad-input counts;
                                    written last, so its presence means the shard is finished
-    complete.json                  written once every shard is finished: total rows, bad-input totals
+    complete.json                  written last, once every shard is finished: kept rows, skipped
+                                   rows (in total and per bad-input kind), source rows read
 
 Shard i covers source rows [i * shard_size, min((i + 1) * shard_size, source_rows)); rows skipped as
 bad input are absent from its arrays, so `indices` maps memory rows back to source rows. Every file
