@@ -99,6 +99,8 @@ def test_round_trip_restores_params_optimizer_rng_and_data_position_bitwise(tmp_
         expected_next = next(iterator)
         fresh = iter(_dataset())
         restored = checkpointer.restore(_abstract(state), fresh)
+    assert restored.step == 3
+    restored = restored.state
     _assert_trees_bitwise_equal(restored, state)
     assert jax.dtypes.issubdtype(restored["rng"].dtype, jax.dtypes.prng_key)
     np.testing.assert_array_equal(next(fresh), expected_next)
@@ -117,11 +119,10 @@ def test_keeps_only_the_last_k_checkpoints_and_saves_on_the_interval(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir() if path.name.isdigit()) == ["8", "9"]
 
 
-def test_restore_without_a_checkpoint_or_into_a_mismatched_state_is_a_clear_error(tmp_path):
+def test_restore_without_a_checkpoint_is_none_and_into_a_mismatched_state_a_clear_error(tmp_path):
     _, _, state = _initial_state()
     with checkpoint.Checkpointer(tmp_path / "empty") as checkpointer:
-        with pytest.raises(FileNotFoundError, match="No checkpoint"):
-            checkpointer.restore(_abstract(state))
+        assert checkpointer.restore(_abstract(state)) is None
     with checkpoint.Checkpointer(tmp_path / "full", save_interval_steps=1) as checkpointer:
         checkpointer.save(1, state)
         checkpointer.wait_until_finished()
@@ -150,7 +151,7 @@ def _check_restore_into_sharded_target(directory):
             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
             "rng": jax.ShapeDtypeStruct(state["rng"].shape, state["rng"].dtype, sharding=replicated),
         }
-        restored = checkpointer.restore(target)
+        restored = checkpointer.restore(target).state
     kernel = restored["params"]["dense"]["kernel"].get_value()
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     assert kernel.addressable_shards[0].data.shape == (2, 4)
@@ -178,8 +179,9 @@ def _train(workdir, total_steps, *, sigterm_after=None):
     iterator = iter(_dataset())
     with checkpoint.Checkpointer(workdir, save_interval_steps=4) as checkpointer, \
             checkpoint.PreemptionWatcher() as watcher:
-        if checkpointer.latest_step() is not None:
-            state = checkpointer.restore(_abstract(state), iterator)
+        restored = checkpointer.restore(_abstract(state), iterator)
+        if restored is not None:
+            state = restored.state
         for step in range(int(state["step"]), total_steps):
             state = train_step(state, next(iterator))
             if sigterm_after is not None and step + 1 == sigterm_after:
@@ -198,3 +200,126 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path):
     resumed = _train(tmp_path / "preempted", 10)
     assert int(resumed["step"]) == 10
     _assert_trees_bitwise_equal(resumed, uninterrupted)
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume walks back over unreadable steps; restore_step; mismatches; half-written steps
+# --------------------------------------------------------------------------------------------------
+
+
+def _save_steps(directory, steps=3):
+    """Saves steps 1..`steps` of the miniature loop (with its iterator and counters); returns
+    {step: state}."""
+    graphdef, tx, state = _initial_state()
+    train_step = _make_train_step(graphdef, tx)
+    iterator = iter(_dataset())
+    states = {}
+    with checkpoint.Checkpointer(directory, save_interval_steps=1, max_to_keep=None, async_save=False) as checkpointer:
+        for step in range(1, steps + 1):
+            state = train_step(state, next(iterator))
+            states[step] = state
+            checkpointer.save(step, state, iterator, counters={"bad_input": {"corrupt_image": 10 * step}})
+    return states
+
+
+def _largest_data_file(step_dir):
+    """The largest data file of a step's merged OCDBT database (`state/d/`), which a restore reads."""
+    return max((step_dir / "state" / "d").iterdir(), key=lambda path: path.stat().st_size)
+
+
+def _warnings(caplog):
+    return [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize("damage", ["truncated_chunk", "emptied_metadata", "missing_chunk"])
+def test_unreadable_latest_step_resumes_from_the_previous_one_with_a_warning(tmp_path, caplog, damage):
+    states = _save_steps(tmp_path)
+    if damage == "truncated_chunk":
+        chunk = _largest_data_file(tmp_path / "3")
+        os.truncate(chunk, chunk.stat().st_size // 2)
+    elif damage == "emptied_metadata":
+        (tmp_path / "3" / "state" / "_METADATA").write_text("")
+    else:
+        _largest_data_file(tmp_path / "3").unlink()
+    _, _, fresh_state = _initial_state()
+    fresh_iterator = iter(_dataset())
+    with caplog.at_level("WARNING"), checkpoint.Checkpointer(tmp_path, save_interval_steps=1) as checkpointer:
+        restored = checkpointer.restore(_abstract(fresh_state), fresh_iterator)
+        assert restored.step == 2
+        _assert_trees_bitwise_equal(restored.state, states[2])
+        assert restored.counters == {"bad_input": {"corrupt_image": 20}}
+        # The unreadable step is set aside, so the resumed run can save step 3 again.
+        assert checkpointer.all_steps() == [1, 2]
+        assert checkpointer.save(3, states[3], force=True)
+        checkpointer.wait_until_finished()
+        assert checkpointer.all_steps() == [1, 2, 3]
+    expected_next = list(_dataset())[2]
+    np.testing.assert_array_equal(next(fresh_iterator), expected_next)
+    skipped = [message for message in _warnings(caplog) if "step 3" in message and "could not be read" in message]
+    assert len(skipped) == 1, _warnings(caplog)
+    assert "\n" not in skipped[0]
+    if damage == "emptied_metadata":
+        assert "_METADATA" in skipped[0]
+    else:
+        assert str(tmp_path / "3" / "state") in skipped[0]
+    assert any(path.name.startswith("3.set_aside-") for path in tmp_path.iterdir())
+
+
+def test_restore_step_restores_exactly_that_step_or_fails_in_one_line(tmp_path):
+    states = _save_steps(tmp_path)
+    _, _, fresh_state = _initial_state()
+    with checkpoint.Checkpointer(tmp_path) as checkpointer:
+        with pytest.raises(checkpoint.UserError, match=r"restore_step=7 is not in .* steps \[1, 2, 3\]"):
+            checkpointer.restore(_abstract(fresh_state), step=7)
+    (tmp_path / "2" / "state" / "_METADATA").write_text("")
+    with checkpoint.Checkpointer(tmp_path) as checkpointer:
+        with pytest.raises(checkpoint.UserError, match=r"restore_step=2 .* could not be read: .*_METADATA") as failure:
+            checkpointer.restore(_abstract(fresh_state), step=2)
+        assert "\n" not in str(failure.value)
+        assert checkpointer.all_steps() == [1, 2, 3]  # a refused restore sets nothing aside
+        restored = checkpointer.restore(_abstract(fresh_state), step=1)
+        assert restored.step == 1
+        _assert_trees_bitwise_equal(restored.state, states[1])
+        assert checkpointer.all_steps() == [1]  # the later steps belong to a history this run replaces
+
+
+def test_a_mismatched_model_is_a_mismatch_naming_the_parameters_and_never_walks_back(tmp_path):
+    _save_steps(tmp_path, steps=2)
+    _, _, wider = _initial_state(width=16)
+    with checkpoint.Checkpointer(tmp_path) as checkpointer:
+        with pytest.raises(checkpoint.CheckpointMismatchError, match="step 2 .* does not match") as failure:
+            checkpointer.restore(_abstract(wider))
+        assert checkpointer.all_steps() == [1, 2]
+    message = str(failure.value)
+    assert "params/dense/kernel/value: saved (4, 8), config (4, 16)" in message
+    assert "could not be read" not in message and "\n" not in message
+
+
+def test_no_readable_step_is_one_user_error_and_keeps_the_files(tmp_path):
+    _save_steps(tmp_path, steps=2)
+    for step in (1, 2):
+        (tmp_path / str(step) / "state" / "_METADATA").write_text("")
+    _, _, fresh_state = _initial_state()
+    with checkpoint.Checkpointer(tmp_path) as checkpointer:
+        with pytest.raises(checkpoint.UserError, match=r"no checkpoint in .* could be read \(steps \[1, 2\]"):
+            checkpointer.restore(_abstract(fresh_state))
+        assert checkpointer.all_steps() == [1, 2]
+
+
+def test_a_half_written_step_of_a_crashed_writer_does_not_block_resuming(tmp_path, caplog):
+    import shutil
+
+    states = _save_steps(tmp_path, steps=2)
+    partial = tmp_path / "3.orbax-checkpoint-tmp-1700000000000000"
+    shutil.copytree(tmp_path / "2", partial)
+    (partial / "state" / "_METADATA").write_text("{")
+    _, _, fresh_state = _initial_state()
+    with caplog.at_level("WARNING"), checkpoint.Checkpointer(tmp_path, save_interval_steps=1) as checkpointer:
+        restored = checkpointer.restore(_abstract(fresh_state))
+        assert restored.step == 2
+        _assert_trees_bitwise_equal(restored.state, states[2])
+        assert checkpointer.save(3, states[2], force=True)
+        checkpointer.wait_until_finished()
+        assert checkpointer.all_steps() == [1, 2, 3]
+    assert not partial.exists()
+    assert any("half-written" in message for message in _warnings(caplog))

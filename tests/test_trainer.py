@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from vlm_jax.errors import EXIT_PREEMPTED, UserError
 from vlm_jax.methods.clip import ClipMethod, model_config_dict
 from vlm_jax.models.clip import CLIP, tiny
 from vlm_jax.train import sharding, trainer
@@ -223,6 +224,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run_bitwise(shapes_data_and_
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     assert f"Restored checkpoint step {max(saved)}" in resumed.stderr
+    assert "Taking over the lock of a run that is gone" in resumed.stderr  # the killed run's LOCK
+    history = [json.loads(line) for line in (workdir / "config_history.jsonl").read_text().splitlines()]
+    assert [record["resumed_from_step"] for record in history] == [None, max(saved)]
     steps = [record["step"] for record in read_metrics(workdir) if "train/loss" in record]
     assert steps == list(range(1, 41))  # lines of the killed steps after the checkpoint were replaced
     tensors = _export_tensors(workdir)
@@ -236,7 +240,7 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(shapes_data_and_refere
     data_dir, _ = shapes_data_and_reference
     workdir = tmp_path / "terminated"
     returncode, stderr = _run_until(data_dir, workdir, signum=signal.SIGTERM, after_step=5)
-    assert returncode == 0, stderr[-3000:]
+    assert returncode == EXIT_PREEMPTED, stderr[-3000:]  # saved; the same command resumes
     assert not (workdir / "results.json").exists()
     stopped = int(next(line for line in stderr.splitlines()
                        if "Stopped on a preemption notice" in line).split("saving step ")[1].split(";")[0])
@@ -298,9 +302,13 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     """NaN images from the 3rd batch on: step 3's loss is NaN. Checkpoints every 2 steps; step 3 is
     found one step late (the host checks step s after dispatching s+1), still before step 4's save."""
     method = ArrayClipMethod(nan_from_batch=2)
-    with pytest.raises(trainer.NonFiniteLossError, match=r"step 3: loss = nan.*last good checkpoint is step 2"):
+    with pytest.raises(trainer.NonFiniteLossError, match=r"step 3: loss = nan.*last good checkpoint is step 2") as stop:
         trainer.train(array_config(**{"total_steps": 6, "log_every": 100, "checkpoint.save_interval_steps": 2,
                                       "checkpoint.async_save": False}), tmp_path, method)
+    # A user error (exit 2) in one line that says how to resume from the good step.
+    assert isinstance(stop.value, UserError)
+    assert "\n" not in str(stop.value)
+    assert "lower optim.learning_rate" in str(stop.value) and "checkpoint.restore_step=2" in str(stop.value)
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [1, 2]
     assert not (tmp_path / "results.json").exists()
@@ -343,3 +351,166 @@ def test_unknown_method_is_a_config_error():
 
     with pytest.raises(ConfigError, match="not a known method"):
         get_method("nope")
+
+
+# --------------------------------------------------------------------------------------------------
+# (6) The workdir: one run at a time, unwritable paths, config changes, unreadable checkpoints
+# --------------------------------------------------------------------------------------------------
+
+CONTENDER = """
+import sys, time, ml_collections
+from vlm_jax import main
+from vlm_jax.errors import UserError
+started = time.perf_counter()
+try:
+    main.run(ml_collections.ConfigDict({"task": "train", "method": "clip"}), sys.argv[1])
+except UserError as error:
+    print(f"{time.perf_counter() - started:.3f}|{error}")
+    sys.exit(2)
+"""
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_busy_workdir_fails_at_once_and_the_first_finishes_cleanly(tmp_path):
+    from vlm_jax.train import workdir
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    with workdir.WorkdirLock(tmp_path, command="the first run"):  # what main.run holds around the task
+        contender = subprocess.Popen([sys.executable, "-c", CONTENDER, str(tmp_path)], cwd=REPO, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        trainer.train(array_config(), tmp_path, ArrayClipMethod())
+        stdout, stderr = contender.communicate(timeout=120)
+    assert contender.returncode == 2, stderr[-3000:]
+    seconds, message = stdout.strip().split("|", 1)
+    assert float(seconds) < 5
+    assert f"pid {os.getpid()}" in message and f"host {socket.gethostname()}" in message and "the first run" in message
+    steps = [record["step"] for record in read_metrics(tmp_path) if "train/loss" in record]
+    assert steps == [1, 2, 3]
+    assert json.loads((tmp_path / "results.json").read_text())["train/step"] == 3
+    assert len(workdir.read_history(tmp_path)) == 1
+    assert not (tmp_path / "LOCK").exists()
+
+
+def test_an_unwritable_checkpoint_directory_fails_in_one_line_within_10_s(tmp_path, unwritable):
+    checkpoints = unwritable(tmp_path / "checkpoints")
+    started = time.perf_counter()
+    with pytest.raises(UserError, match="cannot write the checkpoint directory") as failure:
+        trainer.train(array_config(), tmp_path, ArrayClipMethod())
+    assert time.perf_counter() - started < 10
+    assert str(checkpoints) in str(failure.value) and "\n" not in str(failure.value)
+
+
+def test_resuming_with_a_changed_model_refuses_before_any_work_and_keeps_config_json(tmp_path):
+    from vlm_jax.train import workdir
+
+    workdir.record_config(tmp_path, array_config())
+    (tmp_path / "checkpoints" / "2").mkdir(parents=True)  # a previous run's checkpoint step
+    before = (tmp_path / "config.json").read_text()
+    started = time.perf_counter()
+    with pytest.raises(UserError, match=r"changes the model .*model\.embed_dim.*allow_config_change=True"):
+        trainer.train(array_config(**{"model.embed_dim": 16}), tmp_path, ArrayClipMethod())
+    assert time.perf_counter() - started < 10
+    assert (tmp_path / "config.json").read_text() == before
+    assert len(workdir.read_history(tmp_path)) == 1
+
+
+class ShapedArrayClipMethod(ArrayClipMethod):
+    """ArrayClipMethod whose projection width follows config.model.embed_dim."""
+
+    def model_config(self, config):
+        import dataclasses
+
+        return dataclasses.replace(tiny(), embed_dim=int(config.model.embed_dim))
+
+
+def _config_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "config differs" in r.getMessage()]
+
+
+@pytest.mark.slow
+def test_config_changes_on_resume_warn_once_refuse_a_model_change_and_record_only_accepted_starts(tmp_path, caplog):
+    from vlm_jax.train import workdir
+
+    trainer.train(array_config(total_steps=2), tmp_path, ShapedArrayClipMethod())
+    recorded = (tmp_path / "config.json").read_text()
+    # Allowed, a change of shapes still cannot restore: a mismatch naming the parameters, nothing recorded.
+    with pytest.raises(UserError, match=r"does not match .*params/visual_projection/kernel/value: saved \(64, 32\), "
+                                        r"config \(64, 16\)") as mismatch:
+        trainer.train(array_config(**{"total_steps": 2, "model.embed_dim": 16, "checkpoint.allow_config_change": True}),
+                      tmp_path, ShapedArrayClipMethod())
+    assert "could not be read" not in str(mismatch.value)
+    assert (tmp_path / "config.json").read_text() == recorded
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        trainer.train(array_config(**{"total_steps": 2, "optim.learning_rate": 2e-3}), tmp_path,
+                      ShapedArrayClipMethod())
+    lines = _config_warnings(caplog)
+    assert len(lines) == 1 and "optim.learning_rate: 0.001 -> 0.002" in lines[0], lines
+    assert json.loads((tmp_path / "config.json").read_text())["optim"]["learning_rate"] == 2e-3
+    history = workdir.read_history(tmp_path)
+    assert [record["resumed_from_step"] for record in history] == [None, 2]
+
+
+def _largest_array_file(step_dir: Path) -> Path:
+    files = [path for path in (step_dir / "state").rglob("*") if path.is_file() and path.parent.name == "d"]
+    return max(files, key=lambda path: path.stat().st_size)
+
+
+@pytest.mark.slow
+def test_a_truncated_latest_checkpoint_resumes_from_the_previous_step_to_the_same_params(tmp_path, caplog):
+    from vlm_jax.train import workdir
+
+    overrides = {"total_steps": 4, "checkpoint.save_interval_steps": 2, "checkpoint.async_save": False}
+    reference = train_arrays(tmp_path, **overrides)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2, 4]
+    chunk = _largest_array_file(tmp_path / "checkpoints" / "4")
+    os.truncate(chunk, chunk.stat().st_size // 2)
+    with caplog.at_level("WARNING"):
+        resumed = train_arrays(tmp_path, **overrides)
+    skipped = [r.getMessage() for r in caplog.records if "could not be read" in r.getMessage()]
+    assert len(skipped) == 1 and "step 4" in skipped[0] and str(tmp_path / "checkpoints" / "4") in skipped[0]
+    for key, value in reference.items():
+        np.testing.assert_array_equal(resumed[key], value, err_msg=key)
+    assert [record["step"] for record in read_metrics(tmp_path) if "train/loss" in record] == [1, 2, 3, 4]
+    assert [record["resumed_from_step"] for record in workdir.read_history(tmp_path)] == [None, 2]
+    with pytest.raises(UserError, match=r"restore_step=9 is not in .*steps \[1, 2, 4\]"):
+        trainer.train(array_config(**overrides, **{"checkpoint.restore_step": 9}), tmp_path, ArrayClipMethod())
+
+
+class BadRecordsArrayClipMethod(ArrayClipMethod):
+    """ArrayClipMethod through the pipeline's skip-and-batch step, with every 5th record corrupt."""
+
+    def train_iterator(self, config, process_index, process_count):
+        from vlm_jax.data.bad_input import BadInput, SkipAndBatchIterDataset
+
+        rng = np.random.default_rng(0)
+        images = rng.normal(size=(NUM_EXAMPLES, 32, 32, 3)).astype(np.float32)
+        ids = rng.integers(1, 990, size=(NUM_EXAMPLES, 16)).astype(np.int32)
+        ids[:, -1] = 999
+
+        def decode(row):
+            if row % 5 == 0:
+                return BadInput("corrupt_image", int(row), "unreadable test image")
+            return {"image": images[row], "text_ids": ids[row]}
+
+        examples = grain.MapDataset.range(NUM_EXAMPLES).shuffle(seed=config.seed).repeat(None).map(decode)
+        local = config.global_batch_size // process_count
+        return iter(SkipAndBatchIterDataset(examples.to_iter_dataset(), local, drop_remainder=True,
+                                            pad_remainder=False))
+
+
+@pytest.mark.slow
+def test_bad_input_totals_after_a_resume_equal_an_uninterrupted_run(tmp_path):
+    def skipped(workdir):
+        return [record["data/skipped_corrupt_image"] for record in read_metrics(workdir) if "train/loss" in record]
+
+    trainer.train(array_config(total_steps=4), tmp_path / "straight", BadRecordsArrayClipMethod())
+    trainer.train(array_config(total_steps=2), tmp_path / "resumed", BadRecordsArrayClipMethod())  # stops at 2
+    halfway = skipped(tmp_path / "resumed")[-1]
+    assert halfway > 0
+    trainer.train(array_config(total_steps=4), tmp_path / "resumed", BadRecordsArrayClipMethod())
+    assert skipped(tmp_path / "resumed") == skipped(tmp_path / "straight")
+    assert skipped(tmp_path / "straight")[-1] > halfway
+    for name in ("straight", "resumed"):
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        assert results["data/skipped_corrupt_image"] == skipped(tmp_path / "straight")[-1]

@@ -10,7 +10,12 @@ through the `Method` protocol below; everything else happens here, the same way 
    (frozen params, other variables). Only the trainable params are differentiated and only they
    have optimizer state: a frozen CLIP under RECO's fusion gets no backward pass and no Adam moments.
 4. Resume from `<workdir>/checkpoints` when it holds a checkpoint (params, optimizer state, step,
-   RNG key and the data iterator's position); otherwise start at step 0. Nothing to pass.
+   RNG key, the data iterator's position and the skipped-input totals); otherwise start at step 0.
+   Nothing to pass. The newest step that reads back is taken (`Checkpointer.restore`), or
+   exactly `checkpoint.restore_step`. Before any of this, the workdir and the checkpoint directory
+   must take a test write, and a config whose `model.*` fields differ from `<workdir>/config.json`
+   is refused on resume unless `checkpoint.allow_config_change`; the config is recorded
+   (`workdir.record_config`) only once the checkpoint has restored into the model it builds.
 5. Loop: one jitted, pure train step of (train state, frozen state, batch, constants) with explicit
    in/out shardings and the train state donated; microbatch gradient accumulation inside it
    (`optim.accumulate_gradients`). Host code runs one step behind the device: step s's metrics are
@@ -20,8 +25,8 @@ through the `Method` protocol below; everything else happens here, the same way 
    steps/s, examples/s and skipped bad inputs to `<workdir>/metrics.jsonl` and TensorBoard
    (`<workdir>/tb`), with a progress bar, on process 0 only; run `method.evaluators(config)` every
    `eval_every` steps and at the end; save every `checkpoint.save_interval_steps` (async, keep K).
-7. A non-finite loss or gradient norm stops the run with `NonFiniteLossError` naming the step; the
-   bad state is never saved, so the last checkpoint on disk is the last good one. SIGTERM saves the
+7. A non-finite loss or gradient norm stops the run with `NonFiniteLossError` (a `UserError`) naming
+   the step and the last good checkpoint; the bad state is never saved. SIGTERM saves the
    current step and returns (rerun the same command to continue).
 8. At the end: final checkpoint, final evaluation, `<workdir>/results.json`, `method.export`.
 
@@ -36,7 +41,8 @@ Config fields read here (defaults in `trainer_config()`; each method adds its ow
   log_every: steps between metric records (and the steps/s measurement window).
   eval_every: steps between evaluations (0: only at the end).
   progress: show the progress bar (process 0).
-  optim, checkpoint, sharding, distributed: see optim.py, checkpoint.py, sharding.py.
+  optim, checkpoint, sharding, distributed: see optim.py, checkpoint.py, sharding.py
+    (checkpoint.restore_step and checkpoint.allow_config_change steer the resume, step 4).
   evals: evaluator specs (evaluate/suite.py) that methods turn into evaluators.
 """
 
@@ -62,10 +68,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from vlm_jax.config_lib import ConfigError
 from vlm_jax.data.pipeline import BadInputCounter
+from vlm_jax.errors import UserError
 from vlm_jax.evaluate import suite
 from vlm_jax.evaluate.tasks import write_results
 from vlm_jax.train import checkpoint as checkpoint_lib
 from vlm_jax.train import optim, sharding
+from vlm_jax.train import workdir as workdir_lib
 from vlm_jax.train.metrics import MetricsWriter, Progress
 
 class Method(Protocol):
@@ -95,7 +103,7 @@ class Method(Protocol):
         """Final export of the trained model (called on process 0 with a host-local model)."""
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError):
     """The loss or gradient norm became NaN/inf; the run stops without saving the bad state."""
 
 
@@ -253,12 +261,14 @@ class _Monitor:
         bad = [name for name in ("loss", "grad_norm") if not math.isfinite(metrics[name])]
         if bad:
             latest = self._latest_step()
-            kept = (f"the last good checkpoint is step {latest} in {self._checkpoint_dir}" if latest is not None
-                    else "no checkpoint was saved before it")
+            resume = (f"the last good checkpoint is step {latest} in {self._checkpoint_dir}: lower "
+                      "optim.learning_rate (or raise optim.warmup_steps) and rerun to resume from it, or pass "
+                      f"--config.checkpoint.restore_step={latest} to resume from exactly that step"
+                      if latest is not None else "no checkpoint was saved before it: lower optim.learning_rate "
+                      "(or raise optim.warmup_steps) and rerun from scratch")
             raise NonFiniteLossError(
-                f"Training stopped at step {step}: {' and '.join(f'{n} = {metrics[n]}' for n in bad)}. "
-                f"The state of this step was not saved; {kept}. Lower optim.learning_rate (or raise "
-                "optim.warmup_steps), or inspect the data of this step.")
+                f"Training stopped at step {step}: {' and '.join(f'{n} = {metrics[n]}' for n in bad)}; "
+                f"the state of this step was not saved; {resume}; or inspect the data of this step.")
         self.window.append(metrics)
 
     def summary(self) -> dict[str, float]:
@@ -269,13 +279,21 @@ class _Monitor:
         return dict(self.last)
 
 
-def _bad_input_totals(counter: BadInputCounter) -> dict[str, float]:
-    totals = counter.metrics()
+def _bad_input_totals(counter: BadInputCounter) -> dict[str, int]:
+    """Skipped inputs by kind since step 0, summed over processes (collective when several)."""
+    totals = dict(counter.totals)
     if jax.process_count() > 1:
-        names = sorted(totals)
-        summed = multihost_utils.process_allgather(np.asarray([totals[n] for n in names], np.int64)).sum(axis=0)
-        totals = dict(zip(names, summed.tolist()))
-    return {name: float(value) for name, value in totals.items()}
+        kinds = sorted(totals)
+        summed = multihost_utils.process_allgather(np.asarray([totals[k] for k in kinds], np.int64)).sum(axis=0)
+        totals = dict(zip(kinds, summed.tolist()))
+    return {kind: int(count) for kind, count in totals.items()}
+
+
+def _restore_bad_input_totals(counter: BadInputCounter, counters: Mapping[str, Any]) -> None:
+    # The checkpoint holds the sum over processes: process 0 carries it on, the others restart at
+    # zero, so the next sum continues the saved one.
+    if jax.process_index() == 0:
+        counter.totals.update({kind: int(count) for kind, count in counters.get("bad_input", {}).items()})
 
 
 @dataclasses.dataclass
@@ -351,8 +369,19 @@ def train(config, workdir: epath.PathLike, method: Method) -> dict[str, float]:
 
     Raises:
       NonFiniteLossError: the loss or gradient norm became NaN/inf (the message names the step).
+      UserError: an unwritable workdir, a refused config change, an absent or unreadable
+        restore_step, no readable checkpoint, or a checkpoint that does not match the model.
     """
     workdir = epath.Path(workdir)
+    checkpoint_dir = workdir / "checkpoints"
+    checkpoint_section = checkpoint_lib.checkpoint_config().to_dict() | dict(_field(config, "checkpoint"))
+    # Before any work: an unwritable checkpoint directory would otherwise show only at the first
+    # save, as a hang in orbax's barrier.
+    workdir_lib.check_writable(workdir, "the workdir")
+    workdir_lib.check_writable(checkpoint_dir, "the checkpoint directory")
+    workdir_lib.check_config_change(
+        workdir, config, refuse_model_change=checkpoint_lib.has_checkpoint(checkpoint_dir)
+        and not checkpoint_section["allow_config_change"])
     setup = build_training(config, method)
     mesh, graphdef, frozen, constants = setup.mesh, setup.graphdef, setup.frozen, setup.constants
     state, train_step, batch_axes = setup.state, setup.train_step, setup.batch_axes
@@ -360,16 +389,23 @@ def train(config, workdir: epath.PathLike, method: Method) -> dict[str, float]:
     total_steps = int(config.total_steps)
 
     data_iterator = method.train_iterator(config, jax.process_index(), jax.process_count())
-    checkpointer = checkpoint_lib.Checkpointer.from_config(workdir / "checkpoints", _field(config, "checkpoint"))
-    if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(state, data_iterator)
-        logging.info("Resuming from step %d.", int(state["step"]))
+    checkpointer = checkpoint_lib.Checkpointer.from_config(checkpoint_dir, checkpoint_section)
+    counter = BadInputCounter()
+    try:
+        restored = checkpointer.restore(state, data_iterator, step=checkpoint_section["restore_step"] or None)
+    except BaseException:
+        checkpointer.close()
+        raise
+    if restored is not None:
+        state = restored.state
+        _restore_bad_input_totals(counter, restored.counters)
+        logging.info("Resuming from step %d.", restored.step)
     start_step = int(state["step"])
+    workdir_lib.record_config(workdir, config, resumed_from=restored.step if restored is not None else None)
 
     evaluators = method.evaluators(config)
     log_every, eval_every = max(1, int(_field(config, "log_every"))), int(_field(config, "eval_every"))
     examples_per_step = int(config.global_batch_size)
-    counter = BadInputCounter()
     monitor = _Monitor(checkpointer.directory, checkpointer.latest_step)
     writer = MetricsWriter(workdir, enabled=chief, resume_step=start_step)
     progress = Progress(total_steps, start_step, enabled=chief and bool(_field(config, "progress")))
@@ -416,12 +452,13 @@ def train(config, workdir: epath.PathLike, method: Method) -> dict[str, float]:
                     record = monitor.summary()
                     record["train/steps_per_sec"] = window_steps / elapsed
                     record["train/examples_per_sec"] = window_steps * examples_per_step / elapsed
-                    record.update(_bad_input_totals(counter))
+                    record.update({f"data/skipped_{kind}": float(n) for kind, n in _bad_input_totals(counter).items()})
                     writer.write(step, record)
                     progress.update(window_steps, loss=record["train/loss"])
                     window_start, window_steps = time.perf_counter(), 0
                 if save_now:
-                    checkpointer.save(step, state, data_iterator, force=stop or step == total_steps)
+                    checkpointer.save(step, state, data_iterator, counters={"bad_input": _bad_input_totals(counter)},
+                                      force=stop or step == total_steps)
                 if eval_now:
                     evaluate(step)
                     window_start = time.perf_counter()
