@@ -9,7 +9,9 @@ import sys
 import textwrap
 
 import ml_collections
+import pytest
 
+from vlm_jax.errors import UserError
 from vlm_jax.train import cache
 
 
@@ -114,3 +116,36 @@ def test_killed_build_resumes_in_the_same_directory(tmp_path):
     result = cache.cached_run(config, resume, root=tmp_path / "cache", dataset_version="v1", lock_timeout=10)
     assert result == directory and seen == [(directory, "half")]
     assert (directory / cache.MARKER).exists()
+
+
+def test_a_completed_directory_that_fails_the_finished_check_is_built_again_in_place(tmp_path):
+    calls = []
+
+    def build(directory):
+        calls.append(directory)
+        (directory / "export").mkdir(exist_ok=True)
+        (directory / "export" / "done").write_text("")
+
+    def finished(directory):
+        return (directory / "export" / "done").exists()
+
+    first = cache.cached_run(_config(), build, root=tmp_path, finished=finished)
+    (first / "export" / "done").unlink()  # the export inside lost its completion marker
+    second = cache.cached_run(_config(), build, root=tmp_path, finished=finished)
+    assert first == second and calls == [first, first] and finished(first) and (first / cache.MARKER).exists()
+    cache.cached_run(_config(), build, root=tmp_path, finished=finished)
+    assert len(calls) == 2
+
+
+def test_an_unwritable_cache_root_is_a_one_line_user_error_naming_it(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(root), "mkdir", refuse)
+    with pytest.raises(UserError) as error:
+        cache.cached_run(_config(), lambda directory: None, root=root)
+    message = str(error.value)
+    assert message.startswith(f"the cache root {root} is not writable") and "VLM_JAX_CACHE" in message
+    assert "\n" not in message

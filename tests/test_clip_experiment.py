@@ -103,3 +103,42 @@ def test_dataset_version_names_the_shapes_world_build_and_generator():
 
     assert experiment.dataset_version(experiment.get_config("shapes")) == f"shapes_world/default@generator-{world.GENERATOR_VERSION}"
     assert experiment.dataset_version(experiment.get_config("shapes,smoke=True")).startswith("shapes_world/test@")
+
+
+def _check(config) -> str:
+    """The one-line ConfigError `ClipMethod.check_config` raises for `config`."""
+    from vlm_jax.methods.clip import ClipMethod
+
+    with pytest.raises(config_lib.ConfigError) as error:
+        ClipMethod().check_config(config)
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def test_config_checks_name_the_field_and_path_before_anything_is_built(tmp_path):
+    experiment = _experiment()
+    from vlm_jax.methods.clip import ClipMethod
+
+    ClipMethod().check_config(experiment.get_config("shapes,smoke=True"))  # Shapes World: nothing to point at
+    assert _check(experiment.get_config("lit_b16")).startswith(
+        "clip_dir is not set, but optim.trainable freezes ^vision_model/, ^visual_projection/")
+    config = experiment.get_config("lit_b16")
+    config.clip_dir = str(tmp_path)
+    assert _check(config) == f"clip_dir '{tmp_path}' has no config.json; fix --config.clip_dir."
+    (tmp_path / "config.json").write_text("{}")
+    assert _check(config).startswith(f"clip_dir '{tmp_path}' has no tokenizer.json or spiece.model and "
+                                     "tokenizer_dir is not set")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert _check(config) == "data.paths is not set; pass --config.data.paths=GLOB."
+    config.data.paths = f"{tmp_path}/*.array_record,{tmp_path}/more/*.array_record"
+    (tmp_path / "a.array_record").write_bytes(b"")
+    assert _check(config) == (f"data.paths '{tmp_path}/more/*.array_record' matches no file; "
+                              "fix --config.data.paths.")
+    config.data.paths = f"{tmp_path}/*.array_record"
+    ClipMethod().check_config(config)
+    config = experiment.get_config("cc12m_b16")
+    assert _check(config).startswith("tokenizer_dir is not set")
+    config.tokenizer_dir = str(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    assert _check(config) == f"tokenizer_dir '{tmp_path}/empty' has no tokenizer.json or spiece.model; " \
+                             "fix --config.tokenizer_dir."

@@ -1,15 +1,18 @@
-"""Head export/import: a params subtree and its config round-trip; mismatches fail in one sentence."""
+"""Head export/import: a params subtree and its config round-trip; mismatches and corrupt files fail
+in one sentence naming the file; an interrupted export leaves nothing that looks finished."""
 
 import dataclasses
+import types
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
+from vlm_jax.errors import UserError
 from vlm_jax.models.clip import CLIP, tiny
 from vlm_jax.models.fusion import Fusion, FusionConfig
-from vlm_jax.weights import heads
+from vlm_jax.weights import atomic, heads
 from vlm_jax.weights.hf_clip import CheckpointMismatchError
 
 
@@ -39,7 +42,9 @@ def test_head_round_trips_into_a_model_built_from_its_saved_config(tmp_path):
     written = heads.save_head(trained, tmp_path, dataclasses.asdict(trained.image_fusion.config),
                               include=outside_clip)
     assert written and all(name.startswith("image_fusion/") for name in written)
-    assert sorted((tmp_path).iterdir()) == [tmp_path / heads.CONFIG_FILE, tmp_path / heads.WEIGHTS_FILE]
+    assert sorted(tmp_path.iterdir()) == [tmp_path / atomic.MARKER, tmp_path / heads.CONFIG_FILE,
+                                          tmp_path / heads.WEIGHTS_FILE]
+    assert atomic.export_finished(tmp_path)
 
     config = FusionConfig(**heads.read_head_config(tmp_path))
     assert config == trained.image_fusion.config
@@ -73,19 +78,22 @@ def test_a_selector_matching_nothing_is_refused(tmp_path):
 
 def test_mis_shaped_head_names_each_param_in_one_sentence(tmp_path):
     heads.save_head(make_model(seed=0), tmp_path, {}, include=outside_clip)
-    shapes = r"shape mismatch: image_fusion/.*\(file \(32, 16\), model \(32, 24\)\)"
+    shapes = r"shape mismatch \(\d+\): image_fusion/.*\(file \(32, 16\), model \(32, 24\)\)"
     with pytest.raises(CheckpointMismatchError, match=shapes) as error:
         heads.load_head(make_model(seed=1, width=24, heads=2), tmp_path, include=outside_clip)
-    assert "\n" not in str(error.value)
+    message = str(error.value)
+    assert "\n" not in message and isinstance(error.value, UserError)
+    assert message.startswith(f"checkpoint {tmp_path / heads.WEIGHTS_FILE} does not match the model it is loaded "
+                              "into: first difference image_fusion/")
 
 
 def test_missing_and_unexpected_names_are_reported(tmp_path):
     heads.save_head(make_model(seed=0), tmp_path, {}, include=outside_clip)
     deeper = make_model(seed=1, depth=2)
-    with pytest.raises(CheckpointMismatchError, match=r"missing: image_fusion/layers/1/"):
+    with pytest.raises(CheckpointMismatchError, match=r"missing \(\d+\): image_fusion/layers/1/"):
         heads.load_head(deeper, tmp_path, include=outside_clip)
     # A model without the head's params: every saved name is unexpected.
-    with pytest.raises(CheckpointMismatchError, match=r"unexpected: image_fusion/"):
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected \(\d+\): image_fusion/"):
         heads.load_head(CLIP(tiny(), rngs=nnx.Rngs(0)), tmp_path)
 
 
@@ -96,3 +104,53 @@ def test_load_without_a_selector_fills_exactly_the_saved_names(tmp_path):
     assert heads.load_head(fresh, tmp_path) == ["image_fusion/out_proj/bias", "image_fusion/out_proj/kernel"]
     np.testing.assert_array_equal(np.asarray(fresh.image_fusion.out_proj.kernel[...]),
                                   np.asarray(trained.image_fusion.out_proj.kernel[...]))
+
+
+def test_an_export_interrupted_midway_leaves_no_finished_looking_directory(tmp_path, monkeypatch):
+    target = tmp_path / "export"
+    written = []
+
+    def fail_after_the_weights(*args, **kwargs):  # head.json is written after head.safetensors
+        written.extend(path.name for path in tmp_path.glob("export.tmp-*/*"))
+        raise OSError("disk full")
+
+    monkeypatch.setattr(heads, "json", types.SimpleNamespace(dumps=fail_after_the_weights))
+    with pytest.raises(OSError, match="disk full"):
+        heads.save_head(make_model(seed=0), target, {}, include=outside_clip)
+    assert written == [heads.WEIGHTS_FILE]
+    assert not target.exists() and not atomic.export_finished(target)
+    assert list(tmp_path.iterdir()) == []  # the staging directory is removed too
+
+
+def test_a_second_export_replaces_the_first_whole(tmp_path):
+    target = tmp_path / "export"
+    heads.save_head(make_model(seed=0), target, {"seed": 0}, include=outside_clip)
+    heads.save_head(make_model(seed=1), target, {"seed": 1}, include="image_fusion/out_proj/")
+    assert heads.read_head_config(target) == {"seed": 1} and atomic.export_finished(target)
+    fresh = make_model(seed=3)
+    assert heads.load_head(fresh, target) == ["image_fusion/out_proj/bias", "image_fusion/out_proj/kernel"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["export"]
+
+
+def test_a_corrupt_head_file_is_a_one_line_user_error_naming_it(tmp_path):
+    heads.save_head(make_model(seed=0), tmp_path, {}, include=outside_clip)
+    weights = tmp_path / heads.WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(UserError, match=f"cannot read the weights file {weights}") as error:
+        heads.load_head(make_model(seed=1), tmp_path, include=outside_clip)
+    assert "\n" not in str(error.value)
+    (tmp_path / heads.CONFIG_FILE).write_text("{not json")
+    with pytest.raises(UserError, match=f"{tmp_path / heads.CONFIG_FILE} is not valid JSON"):
+        heads.read_head_config(tmp_path)
+
+
+def test_staging_left_by_a_killed_writer_is_removed_by_the_next_export(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f"export.tmp-{int(dead.stdout)}"
+    leftover.mkdir()
+    (leftover / heads.WEIGHTS_FILE).write_bytes(b"half")
+    heads.save_head(make_model(seed=0), tmp_path / "export", {}, include=outside_clip)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["export"]

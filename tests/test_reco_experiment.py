@@ -1,5 +1,6 @@
 """RECO end to end (experiments/reco.py, `reco_task` on the shared runner): presets, run configs,
-misspelt fields, training on stored pairs, stored-embedding evaluation, and the smoke run."""
+misspelt fields and missing paths, training on stored pairs, stored-embedding evaluation, the smoke
+run, and SIGTERM during the base model's training."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
+import signal
 import subprocess
 import sys
+import time
 import types
 
 import ml_collections
@@ -21,6 +25,8 @@ from vlm_jax.methods import reco, runner
 from vlm_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig, tiny, vit_b32
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# An absl log record on stderr; main's own output (errors, preemption) is every other line.
+ABSL_LOG_LINE = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
 EXPERIMENT = ROOT / "experiments" / "reco.py"
 ARGUMENTS = ("shapes", "shapes,smoke=True", "shapes,backend=scann", "cc12m_b32", "cc12m_b32,smoke=True",
              "cc12m_b32,backend=scann", "cc12m_b32,backend=approx")
@@ -46,6 +52,7 @@ def run_configs(config, context=None) -> dict[str, ml_collections.ConfigDict]:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(runner, "run_experiment", run_experiment)
+        patch.setattr(runner, "check_frozen_clip_paths", lambda config: None)  # presets leave paths to the user
         return reco.reco_task(config, "/w")
 
 
@@ -145,6 +152,40 @@ def test_a_misspelt_field_at_the_top_or_in_a_section_or_in_train_weights_is_a_on
     assert "pretrian" in one_line_config_error(config)
 
 
+def test_paths_are_checked_before_any_stage_runs_with_the_field_and_path_named(tmp_path, monkeypatch):
+    def fails(config) -> str:
+        with pytest.raises(ConfigError) as error:
+            reco.reco_task(config, tmp_path / "work")
+        assert "\n" not in str(error.value)
+        return str(error.value)
+
+    def no_experiment(*args, **kwargs):
+        raise AssertionError("the experiment ran although its config names a missing path")
+
+    monkeypatch.setattr(runner, "run_experiment", no_experiment)
+    config = experiment_config("shapes,smoke=True")
+    config.clip_dir = str(tmp_path / "missing")
+    assert fails(config) == f"clip_dir '{tmp_path}/missing' does not exist; fix --config.clip_dir."
+    config.clip_dir = str(tmp_path)
+    assert fails(config) == f"clip_dir '{tmp_path}' has no config.json; fix --config.clip_dir."
+    config = experiment_config("shapes,smoke=True")
+    config.reco.memory_dir = str(tmp_path / "memory")
+    assert fails(config) == f"reco.memory_dir '{tmp_path}/memory' does not exist; fix --config.reco.memory_dir."
+    config = experiment_config("shapes,smoke=True")
+    config.clip_config = str(ROOT / "experiments" / "clip.py") + ":lit_b16"
+    assert fails(config).startswith("clip_dir is not set, but optim.trainable freezes")  # the base model's own check
+    config = experiment_config("cc12m_b32")
+    assert fails(config).startswith("neither clip_dir nor clip_config is set")
+    (tmp_path / "config.json").write_text("{}")
+    config.clip_dir = str(tmp_path)
+    assert fails(config) == "memory.data.paths is not set; pass --config.memory.data.paths=GLOB."
+    (tmp_path / "laion.array_record").write_bytes(b"")
+    config.memory.data.paths = str(tmp_path / "*.array_record")
+    config.train_data.cc12m.paths = str(tmp_path / "cc12m" / "*.array_record")
+    assert fails(config) == (f"train_data.cc12m.paths '{tmp_path}/cc12m/*.array_record' matches no file; "
+                             "fix --config.train_data.cc12m.paths.")
+
+
 def test_a_misspelt_field_inside_a_variant_is_one_error_line_from_main(tmp_path):
     config_file = tmp_path / "typo.py"
     config_file.write_text(
@@ -158,7 +199,7 @@ def test_a_misspelt_field_inside_a_variant_is_one_error_line_from_main(tmp_path)
                             timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu",
                                               "VLM_JAX_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines() == [
+    assert [line for line in result.stderr.strip().splitlines() if not ABSL_LOG_LINE.match(line)] == [
         "error: variants.wide.reco.fusion_config.widht is not a field of the experiment config; "
         "did you mean variants.wide.reco.fusion_config.width?"]
     # Refused before any stage ran: no base model in the cache, no memory in the workdir.
@@ -351,3 +392,35 @@ def test_smoke_run_writes_the_table_and_a_rerun_resumes_the_memory_build(tmp_pat
     assert after[f"{last}.json"] and not any(name.startswith(last) for name in unchanged)
     assert _memory_files(tmp_path / "train_embeddings") == embeddings_before
     assert json.loads((tmp_path / "results.json").read_text()).keys() == results.keys()
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_base_model_trains_exits_3_and_the_same_command_resumes(tmp_path):
+    command = [sys.executable, "-m", "vlm_jax.main", "--config=experiments/reco.py:shapes,smoke=True",
+               f"--workdir={tmp_path / 'work'}"]
+    environment = {**os.environ, "JAX_PLATFORMS": "cpu", "VLM_JAX_CACHE": str(tmp_path / "cache")}
+    first = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 900
+        # The trainer makes the base model's checkpoint directory once its data and model are built.
+        while not list((tmp_path / "cache").glob("*/checkpoints")):
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the base model never started training"
+            time.sleep(0.2)
+        first.send_signal(signal.SIGTERM)
+        _, stderr = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 3, stderr[-3000:]
+    (line,) = [line for line in stderr.splitlines() if not ABSL_LOG_LINE.match(line)]
+    assert line.startswith("preempted: ") and line.endswith("rerun the same command to resume.")
+    (build,) = [path for path in (tmp_path / "cache").iterdir() if path.is_dir()]
+    assert not (build / "COMPLETE.json").exists() and not (tmp_path / "work" / "results.json").exists()
+
+    second = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=1200)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming the unfinished cached build at {build}" in second.stderr
+    assert (build / "COMPLETE.json").exists() and (build / "export" / "export_complete.json").exists()
+    assert json.loads((tmp_path / "work" / "results.json").read_text())

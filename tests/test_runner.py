@@ -1,13 +1,17 @@
-"""The shared experiment runner: variants x seeds, stages, the baseline once, resume, the table."""
+"""The shared experiment runner: variants x seeds, stages, the baseline once, resume, preemption, the table."""
 
 import json
+import pathlib
 
 import ml_collections
 import pytest
 
 from vlm_jax.config_lib import ConfigError
 from vlm_jax.methods import runner
-from vlm_jax.train import trainer
+from vlm_jax.train import cache, trainer
+from vlm_jax.weights import atomic
+
+CLIP_EXPERIMENT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "clip.py"
 
 
 def experiment(**fields):
@@ -62,9 +66,6 @@ def test_every_variant_and_seed_trains_once_and_the_baseline_is_evaluated_once(t
     configs = {workdir.split("runs/")[1]: config for workdir, config in training.runs}
     assert configs["wide/seed_1"]["model"]["width"] == 32 and configs["wide/seed_1"]["seed"] == 11
     assert configs["fast/seed_0"]["lr"] == 3.0 and configs["fast/seed_0"]["context"] == "prepared"
-    for name, config in configs.items():
-        written = json.loads((tmp_path / "runs" / name / "config.json").read_text())
-        assert written == json.loads(json.dumps(config))
     assert results["baseline/m"] == 0.05
     assert results["wide/m"] == pytest.approx(0.1 + 0.032 + 0.005)
     assert results["wide/m/std"] == pytest.approx(0.01 / 2**0.5)
@@ -77,7 +78,8 @@ def test_every_variant_and_seed_trains_once_and_the_baseline_is_evaluated_once(t
 def test_a_rerun_reads_finished_runs_back_and_trains_only_what_is_missing(tmp_path, monkeypatch):
     calls = {"stages": 0, "baseline": 0}
     interrupted = FakeTraining(preempt_at=3)
-    assert run(experiment(), tmp_path, monkeypatch, interrupted, calls) == {"preempted_at_step": 2.0}
+    with pytest.raises(runner.Preempted, match="stopped at step 2 of the run in"):
+        run(experiment(), tmp_path, monkeypatch, interrupted, calls)
     assert not (tmp_path / "results.json").exists()
     resumed = FakeTraining()
     results = run(experiment(), tmp_path, monkeypatch, resumed, calls)
@@ -99,9 +101,55 @@ def test_preempted_stage_stops_the_experiment_before_any_run(tmp_path, monkeypat
     def stages(steps):
         raise runner.Preempted("stopped while training the base model")
 
-    result = runner.run_experiment(experiment(), tmp_path, object(), stages=stages, run_config=None,
-                                   baseline_metrics=None)
-    assert result == {"preempted": 1.0} and not training.runs
+    with pytest.raises(runner.Preempted, match="stopped while training the base model"):
+        runner.run_experiment(experiment(), tmp_path, object(), stages=stages, run_config=None, baseline_metrics=None)
+    assert not training.runs
+
+
+class FakeBaseTraining:
+    """Stands in for `trainer.train` of the base CLIP: stops on a preemption notice at first, then
+    finishes and exports (with the completion marker) the way the trainer does."""
+
+    def __init__(self, preempt_first: bool):
+        self.calls, self.preempt_first = [], preempt_first
+
+    def __call__(self, config, workdir, method):
+        self.calls.append(workdir)
+        (workdir / "checkpoints").mkdir(exist_ok=True)
+        if self.preempt_first and len(self.calls) == 1:
+            return {"preempted_at_step": 3.0}
+        with atomic.atomic_export(workdir / "export") as staging:
+            (staging / "config.json").write_text("{}")
+        return {"train/loss": 1.0}
+
+
+def frozen_clip_experiment(tmp_path):
+    return ml_collections.ConfigDict({"clip_dir": "", "clip_config": f"{CLIP_EXPERIMENT}:shapes,smoke=True",
+                                      "cache_dir": str(tmp_path / "cache"), "data_dir": str(tmp_path / "data")})
+
+
+def test_a_preempted_base_model_build_raises_preempted_and_a_rerun_resumes_it_in_the_cache(tmp_path, monkeypatch):
+    training = FakeBaseTraining(preempt_first=True)
+    monkeypatch.setattr(trainer, "train", training)
+    config = frozen_clip_experiment(tmp_path)
+    with pytest.raises(runner.Preempted, match="stopped at step 3 while training the base model"):
+        runner.base_model_dir(config, tmp_path / "work")
+    (directory,) = [path for path in (tmp_path / "cache").iterdir() if path.is_dir()]
+    assert not (directory / cache.MARKER).exists() and (directory / "checkpoints").is_dir()
+    export = runner.base_model_dir(config, tmp_path / "work")
+    assert export == str(directory / "export") and training.calls == [directory, directory]
+    assert (directory / cache.MARKER).exists() and atomic.export_finished(export)
+    assert runner.base_model_dir(config, tmp_path / "work") == export and len(training.calls) == 2
+
+
+def test_a_cached_base_model_whose_export_lacks_its_marker_is_built_again(tmp_path, monkeypatch):
+    training = FakeBaseTraining(preempt_first=False)
+    monkeypatch.setattr(trainer, "train", training)
+    config = frozen_clip_experiment(tmp_path)
+    export = pathlib.Path(runner.base_model_dir(config, tmp_path / "work"))
+    (export / atomic.MARKER).unlink()  # an export cut short where the store has no atomic rename
+    assert runner.base_model_dir(config, tmp_path / "work") == str(export)
+    assert len(training.calls) == 2 and atomic.export_finished(export)
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -134,3 +182,19 @@ def test_summary_gives_mean_sample_std_and_range_over_seeds_and_the_table_shows_
     lines = table.splitlines()
     assert lines[1].startswith("CLIP") and lines[1].rstrip().endswith("20.0")  # the baseline row has no ± std
     assert "60.0 ± 10.0" in lines[2] and "30.0 ± 0.0" in lines[3] and "3 seed" in lines[-1]
+
+
+def test_evaluator_skip_counts_reach_results_json_and_the_table_footnote(tmp_path, monkeypatch, capsys):
+    class SkippingTraining(FakeTraining):
+        def __call__(self, config, workdir, method):
+            return {**super().__call__(config, workdir, method), "shapes/evaluated": 4.0, "shapes/skipped": 5.0,
+                    "shapes/skipped/corrupt_image": 5.0}
+
+    calls = {"stages": 0, "baseline": 0}
+    results = run(experiment(), tmp_path, monkeypatch, SkippingTraining(), calls)
+    assert results["base/shapes/skipped"] == 5.0 and results["base/shapes/skipped/corrupt_image"] == 5.0
+    assert results["base/shapes/evaluated"] == 4.0 and "baseline/shapes/skipped" not in results
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["wide/shapes/skipped"] == 5.0
+    footnote = "* base/shapes: 5 of 9 inputs skipped (corrupt_image 5)"
+    assert footnote in (tmp_path / "results.txt").read_text() and footnote in capsys.readouterr().out

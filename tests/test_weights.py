@@ -19,10 +19,13 @@ import safetensors.numpy
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from vlm_jax.errors import UserError  # noqa: E402
 from vlm_jax.weights import (  # noqa: E402
     CheckpointMismatchError,
+    atomic,
     load_model,
     load_pretrained,
+    pretrained,
     save_pretrained,
 )
 from vlm_jax.weights.hf_config import from_hf_config, to_hf_config  # noqa: E402
@@ -179,6 +182,7 @@ def test_saved_model_loads_in_transformers_and_matches(reference_dirs, tmp_path,
     directory, reference = reference_dirs[name]
     model = load_model(directory)
     save_pretrained(model, tmp_path)
+    assert atomic.export_finished(tmp_path)  # the completion marker beside the files transformers reads
     reloaded = _hf_class(reference.config).from_pretrained(tmp_path).eval()
     pixels, ids = _inputs(reference.config, seed=1)
     got_image, got_text = _our_embeddings(model, pixels, ids)
@@ -248,6 +252,11 @@ def test_mismatched_checkpoint_lists_missing_unexpected_and_misshaped_keys(refer
     with pytest.raises(CheckpointMismatchError) as error:
         load_model(tmp_path)
     message = str(error.value)
+    assert isinstance(error.value, UserError) and "\n" not in message
+    # The file, then the first differing tensor in model order (the projection comes after both towers).
+    assert message.startswith(f"checkpoint {tmp_path / 'model.safetensors'} does not match the model built from "
+                              f"{tmp_path / 'config.json'}: first difference text_model.encoder.layers.1.mlp.fc2.bias "
+                              "(missing from the checkpoint); ")
     assert "missing (1): text_model.encoder.layers.1.mlp.fc2.bias" in message
     assert "unexpected (1): vision_model.extra_adapter.weight" in message
     assert "visual_projection.weight: checkpoint (16, 64), model expects (32, 64)" in message
@@ -266,18 +275,73 @@ def test_pickle_checkpoints_are_refused_with_conversion_hint(reference_dirs, tmp
     directory, _ = reference_dirs["clip_first_eos"]
     shutil.copy(directory / "config.json", tmp_path / "config.json")
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
-    with pytest.raises(ValueError, match="safe_serialization=True") as error:
+    with pytest.raises(UserError, match="safe_serialization=True") as error:
         load_model(tmp_path)
     assert "pytorch_model.bin" in str(error.value)
-    with pytest.raises(ValueError, match="pickle"):
+    with pytest.raises(UserError, match="pickle"):
         load_model(tmp_path / "pytorch_model.bin")
 
 
 def test_missing_weights_file_is_a_clear_error(reference_dirs, tmp_path):
     directory, _ = reference_dirs["clip_first_eos"]
-    shutil.copy(directory / "config.json", tmp_path / "config.json")
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(UserError, match=f"no config.json in {tmp_path}"):
         load_model(tmp_path)
+    shutil.copy(directory / "config.json", tmp_path / "config.json")
+    with pytest.raises(UserError, match="model.safetensors"):
+        load_model(tmp_path)
+
+
+def test_truncated_weights_or_corrupt_config_is_a_one_line_user_error_naming_the_file(reference_dirs, tmp_path):
+    directory, _ = reference_dirs["clip_first_eos"]
+    shutil.copy(directory / "config.json", tmp_path / "config.json")
+    weights = (directory / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(UserError, match=f"cannot read the weights file {tmp_path / 'model.safetensors'}") as error:
+        load_model(tmp_path)
+    assert "\n" not in str(error.value)
+    (tmp_path / "config.json").write_text('{"model_type": "clip", ')
+    with pytest.raises(UserError, match=f"{tmp_path / 'config.json'} is not valid JSON"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(UserError, match=f"{tmp_path / 'config.json'} does not describe a CLIP or SigLIP model"):
+        load_model(tmp_path)
+
+
+def test_a_save_interrupted_midway_leaves_no_finished_looking_export(reference_dirs, tmp_path, monkeypatch):
+    directory, _ = reference_dirs["clip_first_eos"]
+    model = load_model(directory)
+    target = tmp_path / "export"
+
+    def fail_after_the_weights(*args, **kwargs):  # config.json is written after model.safetensors
+        assert [path.name for path in tmp_path.glob("export.tmp-*/*")] == ["model.safetensors"]
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pretrained.json, "dumps", fail_after_the_weights)
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(model, target)
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == [] and not atomic.export_finished(target)
+
+    save_pretrained(model, target)
+    assert sorted(path.name for path in target.iterdir()) == [
+        "config.json", atomic.MARKER, "model.safetensors"]
+    assert json.loads((target / atomic.MARKER).read_text())["files"] == ["config.json", "model.safetensors"]
+    np.testing.assert_array_equal(np.asarray(load_model(target).logit_scale[...]), np.asarray(model.logit_scale[...]))
+
+
+def test_an_export_over_an_older_one_replaces_it_and_over_other_files_keeps_them(reference_dirs, tmp_path):
+    directory, _ = reference_dirs["clip_first_eos"]
+    model = load_model(directory)
+    save_pretrained(model, tmp_path / "export")
+    (tmp_path / "export" / "stale.txt").write_text("from the older export")
+    save_pretrained(model, tmp_path / "export")
+    assert not (tmp_path / "export" / "stale.txt").exists() and atomic.export_finished(tmp_path / "export")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["export"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not an export")
+    save_pretrained(model, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "not an export"
+    assert atomic.export_finished(tmp_path / "mine") and load_model(tmp_path / "mine") is not None
 
 
 _HAS_DATA_MODULES = all(importlib.util.find_spec(f"vlm_jax.data.{name}") is not None

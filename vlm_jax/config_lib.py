@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
 import importlib.util
+import os
 import typing
 from collections.abc import Mapping
 from typing import Any
@@ -56,14 +58,64 @@ def _literal(text: str, *, like: Any) -> Any:
     return text
 
 
-def require_path(path: str | None, what: str, *, field: str) -> epath.Path:
-    """Returns `path` as an epath.Path, or raises a one-line ConfigError if it is unset or missing."""
+def require_path(path: str | None, what: str, *, field: str, containing: tuple[str, ...] = ()) -> epath.Path:
+    """Returns `path` as an epath.Path, or raises a one-line ConfigError if it is unset or missing, or
+    (with `containing`) a directory holding none of those file names."""
     if not path:
         raise ConfigError(f"{what} is not set; pass --config.{field}=PATH.")
     resolved = epath.Path(path)
-    if not resolved.exists():
-        raise ConfigError(f"{what} {str(resolved)!r} does not exist; fix --config.{field}.")
+    try:
+        if not resolved.exists():
+            raise ConfigError(f"{what} {str(resolved)!r} does not exist; fix --config.{field}.")
+        if containing and not any((resolved / name).exists() for name in containing):
+            raise ConfigError(f"{what} {str(resolved)!r} has no {' or '.join(containing)}; fix --config.{field}.")
+    except PermissionError:
+        raise ConfigError(f"{what} {str(resolved)!r} is not readable (permission denied); "
+                          f"fix its permissions or --config.{field}.") from None
     return resolved
+
+
+def require_glob(paths: str | None, what: str, *, field: str) -> list[str]:
+    """The files a comma-separated list of globs names (local or gs://), sorted per glob; a one-line
+    ConfigError when it is unset or one glob matches nothing."""
+    patterns = [pattern for pattern in str(paths or "").split(",") if pattern]
+    if not patterns:
+        raise ConfigError(f"{what} is not set; pass --config.{field}=GLOB.")
+    files = []
+    for pattern in patterns:
+        if "://" in pattern:
+            base = epath.Path(pattern)
+            matches = sorted(str(match) for match in base.parent.glob(base.name))
+        else:
+            matches = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not matches:
+            raise ConfigError(f"{what} {pattern!r} matches no file; fix --config.{field}.")
+        files.extend(matches)
+    return files
+
+
+# Data sources that read files named by `paths` (vlm_jax.data.pipeline.default_config).
+_FILE_SOURCES = ("array_record", "webdataset", "manifest")
+
+
+def require_data_files(data: Any, where: str) -> None:
+    """Checks, before anything is read, that the files a data section (`vlm_jax.data.pipeline`) names
+    exist: its `paths` globs for file sources, its `root` for an image folder. `where` is the
+    section's config path ("data", "train_data.cc12m")."""
+    if not isinstance(data, (Mapping, ml_collections.ConfigDict)):
+        return
+    source = data.get("source", "tfds")
+    if source in _FILE_SOURCES:
+        require_glob(data.get("paths"), f"{where}.paths", field=f"{where}.paths")
+    elif source == "image_folder":
+        require_path(data.get("root"), f"{where}.root", field=f"{where}.root")
+
+
+def require_eval_files(evals: Any) -> None:
+    """`require_data_files` for the data section of every eval spec (`evals.<name>.data`)."""
+    for name, spec in _as_dict(evals or {}).items():
+        if isinstance(spec, (Mapping, ml_collections.ConfigDict)) and "data" in spec:
+            require_data_files(spec["data"], f"evals.{name}.data")
 
 
 class MapOf:

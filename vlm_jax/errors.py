@@ -3,7 +3,9 @@
     0  done
     1  a bug: anything not below (the traceback is printed)
     2  a user error (`UserError`): a config field, a path, a file or the data is wrong; one line says
-       what and how to fix it (`--verbosity=debug` or VLM_JAX_DEBUG=1 also prints the traceback)
+       what and how to fix it (`--verbosity=debug` or VLM_JAX_DEBUG=1 also prints the traceback).
+       Path handling turns PermissionError / FileNotFoundError into a UserError where it knows the
+       file; a PermissionError that reaches the entry point unconverted is reported in one line too.
     3  preempted (`Preempted`): stopped on SIGTERM after saving; rerunning the same command resumes,
        also when the signal came during an inner stage (a base model, a memory build)
 """

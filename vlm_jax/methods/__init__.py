@@ -1,4 +1,9 @@
-"""The method registry: one module per method, chosen by `config.method` and imported only when chosen."""
+"""The method registry: one module per method, chosen by `config.method` and imported only when chosen.
+
+A method may offer `check_config(config)`, raising a one-line ConfigError for a path or field that
+would fail later (a missing clip_dir, tokenizer or data glob); `train_task` calls it before the
+trainer builds anything.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from typing import TYPE_CHECKING
 from etils import epath
 
 from vlm_jax.config_lib import ConfigError
+from vlm_jax.errors import Preempted
 
 if TYPE_CHECKING:
     from vlm_jax.train.trainer import Method
@@ -28,7 +34,14 @@ def get_method(name: str) -> Method:
 
 
 def train_task(config, workdir: epath.Path) -> dict[str, float]:
-    """The `train` task of `vlm_jax.main`: trains `config.method` in `workdir`."""
+    """The `train` task of `vlm_jax.main`: checks the config, trains `config.method` in `workdir`;
+    raises Preempted when the trainer stopped on SIGTERM (its checkpoint resumes the run)."""
     from vlm_jax.train.trainer import train  # noqa: PLC0415 - keeps `import vlm_jax.methods.clip` light
 
-    return train(config, workdir, get_method(config.method))
+    method = get_method(config.method)
+    if hasattr(method, "check_config"):
+        method.check_config(config)
+    metrics = train(config, workdir, method)
+    if "preempted_at_step" in metrics:
+        raise Preempted(f"stopped at step {int(metrics['preempted_at_step'])} in {workdir}")
+    return metrics

@@ -32,11 +32,13 @@ import ml_collections
 from etils import epath
 from jax.sharding import Mesh, PartitionSpec
 
-from vlm_jax.config_lib import ConfigError
+from vlm_jax.config_lib import ConfigError, require_data_files, require_eval_files, require_path
 from vlm_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
 from vlm_jax.models.layers import l2_normalize
 
 DEFAULT_BATCH_AXES = ("data", "fsdp")
+# What `vlm_jax.data.tokenizer.Tokenizer.from_dir` reads a tokenizer from.
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 
 
 def clamped_scale(logit_scale: jax.Array, max_scale: float = 100.0) -> jax.Array:
@@ -419,6 +421,31 @@ class ClipMethod:
         return CLIPConfig(vision=VisionConfig(**fields.pop("vision")), text=TextConfig(**text), **fields)
 
     # -- the Method protocol --------------------------------------------------------------------
+
+    def check_config(self, config) -> None:
+        """One-line ConfigErrors for the paths `config` names, before any data is built or model made:
+        clip_dir (with config.json; required when optim.trainable freezes params, as LiT does), the
+        tokenizer (tokenizer_dir, else clip_dir's, else Shapes World's), and the data and eval files."""
+        clip_dir = config.get("clip_dir")
+        if clip_dir:
+            require_path(clip_dir, "clip_dir", field="clip_dir", containing=("config.json",))
+        else:
+            frozen = [pattern for pattern, trains in config.optim.trainable if not trains] if "optim" in config else []
+            if frozen:
+                raise ConfigError(f"clip_dir is not set, but optim.trainable freezes {', '.join(frozen)}: frozen params "
+                                  "must come from a pretrained CLIP; pass --config.clip_dir=DIR (a Hugging Face "
+                                  "CLIP/SigLIP directory).")
+        if config.get("tokenizer_dir"):
+            require_path(config.tokenizer_dir, "tokenizer_dir", field="tokenizer_dir", containing=TOKENIZER_FILES)
+        elif clip_dir:
+            if not any((epath.Path(clip_dir) / name).exists() for name in TOKENIZER_FILES):
+                raise ConfigError(f"clip_dir {clip_dir!r} has no {' or '.join(TOKENIZER_FILES)} and tokenizer_dir is "
+                                  "not set; pass --config.tokenizer_dir=DIR (a directory with tokenizer.json).")
+        elif not _is_shapes_world(config.data):
+            raise ConfigError("tokenizer_dir is not set; pass --config.tokenizer_dir=DIR (a directory with "
+                              "tokenizer.json).")
+        require_data_files(config.data, "data")
+        require_eval_files(config.get("evals"))
 
     def reads_weights(self, config) -> bool:
         return bool(config.get("clip_dir"))

@@ -35,7 +35,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from vlm_jax.config_lib import ConfigError, defaults_of, typed
+from vlm_jax.config_lib import (ConfigError, defaults_of, require_data_files, require_eval_files, require_path,
+                                typed)
 from vlm_jax.memory import neighbours as neighbours_lib
 from vlm_jax.memory.device import DeviceRetriever, default_mesh, place_memory
 from vlm_jax.memory.index import IndexConfig
@@ -233,6 +234,20 @@ class RecoMethod:
             raise ConfigError("reco.memory_dir is not set; point it at a memory built by vlm_jax.memory.build.")
         return self._once(("memory", directory), lambda: load_memory(directory))
 
+    def check_config(self, config) -> None:
+        """One-line ConfigErrors for what a run on the frozen CLIP reads, before anything is built:
+        clip_dir (with config.json), the memory, the stored training pairs or the pixel data, the
+        eval files."""
+        require_path(config.get("clip_dir"), "clip_dir", field="clip_dir", containing=("config.json",))
+        reco = parse_reco(config.reco)
+        if reco.fusion != "none":
+            require_path(reco.memory_dir, "reco.memory_dir", field="reco.memory_dir")
+        for directory in reco.train_embeddings_dirs:
+            require_path(directory, "a reco.train_embeddings_dirs entry", field="reco.train_embeddings_dirs")
+        if not reco.train_embeddings_dirs:
+            require_data_files(config.data, "data")
+        require_eval_files(config.get("evals"))
+
     def reads_weights(self, config) -> bool:
         return True
 
@@ -373,6 +388,9 @@ def reco_task(config, workdir) -> dict[str, float]:
 
     workdir = epath.Path(workdir)
     runner.check_frozen_clip_config(config, reco=reco_config())
+    runner.check_frozen_clip_paths(config)
+    if config.reco.memory_dir:
+        require_path(config.reco.memory_dir, "reco.memory_dir", field="reco.memory_dir")
 
     def run_config(variant, context):
         run = runner.frozen_clip_run(config, variant, context, method="reco", pred="reco")

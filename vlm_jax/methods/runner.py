@@ -14,6 +14,9 @@
    back from their results.json.
 4. The table: mean, sample std and range over seeds, printed, in results.txt and results.json.
 
+SIGTERM during a stage or a run raises `Preempted` out of `run_experiment` (the entry point exits 3);
+every finished stage, cached base model and checkpoint stays, so the same command resumes.
+
 Config fields read: seed, seeds, variants (name -> overrides), variant_labels, table (pairs of
 metric and column label), baseline_label.
 """
@@ -32,8 +35,9 @@ from absl import logging
 from etils import epath
 
 from vlm_jax.config_lib import (ConfigError, MapOf, check_fields, experiment_module, load_config_file, merged,
-                                require_path)
-from vlm_jax.errors import Preempted  # noqa: F401  (re-exported: runner.Preempted)
+                                require_data_files, require_eval_files, require_path)
+from vlm_jax.errors import Preempted
+from vlm_jax.evaluate.common import skip_footnote
 
 
 def experiment_schema(**sections: Any) -> dict[str, Any]:
@@ -58,13 +62,6 @@ def write_json(path: epath.Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True, default=float) + "\n")
 
 
-def write_config(directory: epath.PathLike, config: ml_collections.ConfigDict) -> None:
-    """`<directory>/config.json`: the resolved config of a run, inner runs included."""
-    directory = epath.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-
-
 @dataclasses.dataclass
 class Stages:
     """Named, timed steps of one experiment; wall times land in results.json as time/<name>_s."""
@@ -79,21 +76,13 @@ class Stages:
         return value
 
 
-def base_model_dir(config, workdir: epath.Path) -> str:
-    """The frozen base model: `config.clip_dir` when set, else the CLIP that the experiment
-    `config.clip_config` names trains, built once per resolved config and dataset version in the
-    shared cache (`vlm_jax.train.cache`, root `config.cache_dir` or the user's cache directory):
-    a second experiment, or another method, reuses it; an interrupted build resumes."""
-    del workdir  # the base model lives in the cache, shared by every experiment that names it
-    if config.clip_dir:
-        return str(require_path(config.clip_dir, "the frozen CLIP directory", field="clip_dir"))
-    if not config.clip_config:
-        raise ConfigError("neither clip_dir nor clip_config is set; pass --config.clip_dir=DIR (a CLIP in the "
-                          "Hugging Face format) or name an experiment that trains one.")
-    from vlm_jax.methods.clip import ClipMethod  # noqa: PLC0415
-    from vlm_jax.train.cache import cached_run  # noqa: PLC0415
-    from vlm_jax.train.trainer import train  # noqa: PLC0415
+NO_BASE_MODEL = ("neither clip_dir nor clip_config is set; pass --config.clip_dir=DIR (a CLIP in the Hugging Face "
+                 "format) or name an experiment that trains one.")
 
+
+def base_model_config(config) -> tuple[Any, ml_collections.ConfigDict]:
+    """(the experiment module, the resolved config) of the base CLIP that `config.clip_config` names,
+    with the experiment's data_dir; a one-line ConfigError when it is not a plain CLIP."""
     module = experiment_module(config.clip_config.partition(":")[0])
     base = load_config_file(config.clip_config)
     if base.get("method") != "clip":
@@ -101,16 +90,43 @@ def base_model_dir(config, workdir: epath.Path) -> str:
                           "must be a plain CLIP (method 'clip').")
     if "data_dir" in base and config.get("data_dir") is not None:
         base.data_dir = config.data_dir
+    return module, base
+
+
+def base_model_dir(config, workdir: epath.Path) -> str:
+    """The frozen base model: `config.clip_dir` when set, else the CLIP that the experiment
+    `config.clip_config` names trains, built once per resolved config and dataset version in the
+    shared cache (`vlm_jax.train.cache`, root `config.cache_dir` or the user's cache directory):
+    a second experiment, or another method, reuses it; an interrupted build resumes, and SIGTERM
+    during it raises Preempted. A cached build counts as done only when its export holds the
+    completion marker (`vlm_jax.weights.atomic`)."""
+    del workdir  # the base model lives in the cache, shared by every experiment that names it
+    if config.clip_dir:
+        return str(require_path(config.clip_dir, "clip_dir", field="clip_dir", containing=("config.json",)))
+    if not config.clip_config:
+        raise ConfigError(NO_BASE_MODEL)
+    import jax  # noqa: PLC0415
+
+    from vlm_jax.methods.clip import ClipMethod  # noqa: PLC0415
+    from vlm_jax.train.cache import cached_run  # noqa: PLC0415
+    from vlm_jax.train.trainer import train  # noqa: PLC0415
+    from vlm_jax.weights.atomic import export_finished  # noqa: PLC0415
+
+    module, base = base_model_config(config)
 
     def build(directory):
         logging.info("Training the base model (%s) into %s.", config.clip_config, directory)
-        write_config(directory, base)
         metrics = train(base, directory, ClipMethod())
         if "preempted_at_step" in metrics:
-            raise Preempted(f"stopped while training the base model in {directory}; rerun the same command.")
+            raise Preempted(f"stopped at step {int(metrics['preempted_at_step'])} while training the base model "
+                            f"in {directory}")
+        if jax.process_index() == 0 and not export_finished(directory / "export"):
+            raise RuntimeError(f"training the base model in {directory} ended without a finished export "
+                               f"({directory / 'export'} has no completion marker).")
 
     version = module.dataset_version(base) if hasattr(module, "dataset_version") else ""
-    directory = cached_run(base, build, root=config.get("cache_dir") or None, dataset_version=version)
+    directory = cached_run(base, build, root=config.get("cache_dir") or None, dataset_version=version,
+                           finished=lambda directory: export_finished(directory / "export"))
     return str(directory / "export")
 
 
@@ -200,6 +216,24 @@ def check_frozen_clip_config(config, **sections: Any) -> None:
         raise ConfigError(f"train_weights names {unknown}, which are not train_data sources {list(config.train_data)}.")
 
 
+def check_frozen_clip_paths(config) -> None:
+    """Checks, before any stage runs, the paths a frozen-CLIP experiment names: clip_dir (a directory
+    with config.json), else clip_config (a plain-CLIP experiment whose own config passes
+    `ClipMethod.check_config`), and the files of the memory, train_data and eval data sections."""
+    from vlm_jax.methods.clip import ClipMethod  # noqa: PLC0415
+
+    if config.clip_dir:
+        require_path(config.clip_dir, "clip_dir", field="clip_dir", containing=("config.json",))
+    elif not config.clip_config:
+        raise ConfigError(NO_BASE_MODEL)
+    else:
+        ClipMethod().check_config(base_model_config(config)[1])
+    require_data_files(config.memory.data, "memory.data")
+    for name, data in config.train_data.items():
+        require_data_files(data, f"train_data.{name}")
+    require_eval_files(config.evals)
+
+
 def train_weights(config) -> tuple[float, ...]:
     """Sampling weight of each `train_data` source in order (): in proportion to size)."""
     if not config.train_weights:
@@ -258,6 +292,13 @@ def summarize(baseline_metrics: Mapping[str, float], runs: Mapping[str, Sequence
     return results
 
 
+def skip_counts(prefix: str, metrics: Mapping[str, float]) -> dict[str, float]:
+    """The evaluators' "<eval>/evaluated", "<eval>/skipped[/<reason>]" counts of `metrics`, keys
+    prefixed "<prefix>/" (the same eval data gives every seed of a variant the same counts)."""
+    return {f"{prefix}/{key}": float(value) for key, value in metrics.items()
+            if key.endswith(("/evaluated", "/skipped")) or "/skipped/" in key}
+
+
 def format_table(results: Mapping[str, float], rows: Mapping[str, str], columns: Sequence[Sequence[str]],
                  seeds: int) -> str:
     """A plain-text table of `results` (percent; variant rows: mean ± std over seeds)."""
@@ -280,7 +321,8 @@ def run_experiment(config, workdir: epath.PathLike, method, *, stages: Callable[
     """Runs the stages, the baseline once, every variant for `config.seeds` seeds; writes the table.
 
     stages(Stages) -> context (paths the stages made); run_config(variant config, context) -> the
-    trainer config of one run; baseline_metrics(context) -> the frozen views' metrics.
+    trainer config of one run; baseline_metrics(context) -> the frozen views' metrics. Raises
+    Preempted when a stage or a run stops on SIGTERM (what is done stays done; a rerun resumes).
     """
     from vlm_jax.train.trainer import train  # noqa: PLC0415
 
@@ -289,11 +331,7 @@ def run_experiment(config, workdir: epath.PathLike, method, *, stages: Callable[
         raise ConfigError(f"config.seeds must be >= 1, got {config.seeds}.")
     variants = variant_configs(config, config)
     began, steps = time.perf_counter(), Stages()
-    try:
-        context = stages(steps)
-    except Preempted as stop:
-        logging.warning("%s", stop)
-        return {"preempted": 1.0}
+    context = stages(steps)  # Preempted from a stage ends the experiment (main exits 3; a rerun resumes)
     configs = {name: run_config(variant, context) for name, variant in variants.items()}
     metrics = [metric for metric, _ in config.table]
     frozen = steps.run("baseline", lambda: dict(baseline_metrics(context)))
@@ -307,25 +345,28 @@ def run_experiment(config, workdir: epath.PathLike, method, *, stages: Callable[
                 continue
             run = ml_collections.ConfigDict(variant_config.to_dict())
             run.seed = int(config.seed) + index
-            write_config(run_dir, run)
             started = time.perf_counter()
             result = train(run, run_dir, method)
             if "preempted_at_step" in result:
-                logging.warning("Stopped during %s; rerun the same command to continue.", run_dir)
-                return result
+                raise Preempted(f"stopped at step {int(result['preempted_at_step'])} of the run in {run_dir}")
             result["time/run_s"] = time.perf_counter() - started
             write_json(run_dir / "results.json", result)
             runs[variant].append(result)
             logging.info("%s seed %d: %s", variant, index, ", ".join(f"{m}={result[m]:.4f}" for m in metrics))
     timings = {**steps.timings, "time/runs_s": float(sum(r.get("time/run_s", 0.0) for rs in runs.values() for r in rs)),
                "time/total_s": time.perf_counter() - began}
-    results = {**summarize(frozen, runs, metrics), **timings}
+    skipped = {**skip_counts("baseline", frozen),
+               **{key: value for variant, variant_runs in runs.items() if variant_runs
+                  for key, value in skip_counts(variant, variant_runs[0]).items()}}
+    results = {**summarize(frozen, runs, metrics), **skipped, **timings}
     labels = config.get("variant_labels") or {}
     # The method itself (the variant that overrides nothing) first, its ablations under it.
     order = sorted(runs, key=lambda variant: bool(config.variants[variant].to_dict()))
     rows = {"baseline": str(config.get("baseline_label", "baseline")),
             **{variant: str(labels.get(variant, variant)) for variant in order}}
     table = format_table(results, rows, [tuple(column) for column in config.table], int(config.seeds))
+    footnote = skip_footnote(skipped)
+    table = f"{table}\n{footnote}" if footnote else table
     print(table, flush=True)
     (workdir / "results.txt").write_text(table + "\n" + json.dumps(timings, indent=1) + "\n")
     write_json(workdir / "results.json", results)

@@ -8,7 +8,10 @@ else `~/.cache/vlm_jax`). An exclusive `fcntl` lock per key serializes builders:
 waits for the first, then finds the completion marker and reuses the result. A build that dies
 (SIGKILL, preemption, an exception) leaves its directory without the marker; the next call runs
 `build` again in the same directory, which resumes when the builder does (the trainer resumes from
-the checkpoints in its workdir). The marker, `COMPLETE.json`, holds the key material.
+the checkpoints in its workdir). The marker, `COMPLETE.json`, holds the key material; it is written
+after `build` returns, and a caller's `finished` check (say, that the export inside has its own
+completion marker) must also hold for a directory to be reused, else it is built again. A cache root
+that cannot be created or written is a one-line UserError naming it.
 
 fcntl locks are advisory and per host: a cache root shared between machines needs a file system
 whose locks reach every host (local disks and NFSv4 do; most object stores do not).
@@ -26,6 +29,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from absl import logging
+
+from vlm_jax.errors import UserError
 
 MARKER = "COMPLETE.json"
 KEY_FILE = "key.json"
@@ -61,7 +66,7 @@ def _write_json(path: pathlib.Path, value: Mapping[str, Any]) -> None:
 
 
 def _lock(path: pathlib.Path, timeout: float):
-    """An open file holding an exclusive flock on `path`; TimeoutError after `timeout` seconds."""
+    """An open file holding an exclusive flock on `path`; a UserError after `timeout` seconds."""
     handle = open(path, "a+")  # noqa: SIM115 - closed by the caller, which holds the lock until then
     deadline = time.monotonic() + timeout
     announced = False
@@ -72,7 +77,7 @@ def _lock(path: pathlib.Path, timeout: float):
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 handle.close()
-                raise TimeoutError(
+                raise UserError(
                     f"waited {timeout:.0f} s for the lock {path} held by another build of the same run; "
                     "wait for it to finish, or remove the lock file if no such process is alive."
                 ) from None
@@ -89,6 +94,7 @@ def cached_run(
     root: str | os.PathLike | None = None,
     dataset_version: str = "",
     lock_timeout: float = 6 * 3600.0,
+    finished: Callable[[pathlib.Path], bool] | None = None,
 ) -> pathlib.Path:
     """The directory of the completed run of `config`, running `build(directory)` only if needed.
 
@@ -99,24 +105,36 @@ def cached_run(
       root: cache root (default `default_root()`).
       dataset_version: names the data the run reads, so rebuilt data gets a new directory.
       lock_timeout: seconds to wait for another process building the same key.
+      finished: what else a completed directory must satisfy to be reused (None: nothing); one that
+        fails it is built again in place.
     Returns:
       <root>/<cache_key>, holding COMPLETE.json.
     """
     root = pathlib.Path(root).expanduser() if root is not None else default_root()
-    root.mkdir(parents=True, exist_ok=True)
     key = cache_key(config, dataset_version)
     directory = root / key
-    if (directory / MARKER).exists():
-        logging.info("reusing cached base model at %s", directory)
-        return directory
-    handle = _lock(root / f"{key}.lock", lock_timeout)
+
+    def complete() -> bool:
+        return (directory / MARKER).exists() and (finished is None or finished(directory))
+
     try:
-        if (directory / MARKER).exists():  # another process finished it while this one waited
+        root.mkdir(parents=True, exist_ok=True)
+        if complete():
+            logging.info("reusing cached base model at %s", directory)
+            return directory
+        handle = _lock(root / f"{key}.lock", lock_timeout)
+    except PermissionError as error:
+        raise UserError(f"the cache root {root} is not writable ({error.filename or root}: permission denied); "
+                        "set --config.cache_dir or VLM_JAX_CACHE to a writable directory.") from None
+    try:
+        if complete():  # another process finished it while this one waited
             logging.info("reusing cached base model at %s", directory)
             return directory
         material = key_material(config, dataset_version)
         if directory.exists():
             logging.info("resuming the unfinished cached build at %s", directory)
+            # A marker without what `finished` asks for is stale: remove it before building again.
+            (directory / MARKER).unlink(missing_ok=True)
         else:
             logging.info("building the cached run at %s", directory)
             directory.mkdir()

@@ -8,8 +8,11 @@ on top of a frozen CLIP). ``save_head`` writes
     <directory>/head.json          {"config": <the JSON config given>, "params": [the names]}
 
 and ``load_head`` fills the same names of a model built from that config (``read_head_config``),
-failing in one sentence on missing, unexpected or mis-shaped names. The model is read and written on
-the host: pass a host-local model (the trainer exports one on process 0).
+failing in one sentence (a `CheckpointMismatchError`, a UserError) that names the file and the first
+differing param; a missing, unreadable or corrupt file is a UserError naming it. The export is atomic
+(`vlm_jax.weights.atomic`): the directory holds the whole head, ending with export_complete.json, or
+what it held before. The model is read and written on the host: pass a host-local model (the trainer
+exports one on process 0).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import safetensors.numpy
 from etils import epath
 from flax import nnx
 
-from vlm_jax.weights.hf_clip import CheckpointMismatchError
+from vlm_jax.errors import UserError
+from vlm_jax.weights import atomic, hf_clip, safetensors_dir
 
 WEIGHTS_FILE = "head.safetensors"
 CONFIG_FILE = "head.json"
@@ -61,11 +65,10 @@ def save_head(model: nnx.Module, directory: epath.PathLike, config: Mapping[str,
                          "such as 'fusion/' or a predicate over 'a/b/c' names that matches the head")
     names = sorted(selected)
     tensors = {name: np.require(np.asarray(selected[name][1][...]), requirements="C") for name in names}
-    directory = epath.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / WEIGHTS_FILE).write_bytes(safetensors.numpy.save(tensors))
     record = {"config": dict(config), "params": names}
-    (directory / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    with atomic.atomic_export(directory, format="head") as staging:
+        (staging / WEIGHTS_FILE).write_bytes(safetensors.numpy.save(tensors))
+        (staging / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return names
 
 
@@ -73,8 +76,11 @@ def read_head_config(directory: epath.PathLike) -> dict[str, Any]:
     """The config `save_head` stored in `directory`, to build the model that `load_head` fills."""
     config_file = epath.Path(directory) / CONFIG_FILE
     if not config_file.exists():
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}; expected a directory written by save_head")
-    return json.loads(config_file.read_text())["config"]
+        raise UserError(f"no {CONFIG_FILE} in {directory}; expected a directory written by save_head.")
+    record = safetensors_dir.read_json(config_file)
+    if not isinstance(record.get("config"), dict):
+        raise UserError(f"{config_file} has no config section; it is corrupt: export the head again.")
+    return record["config"]
 
 
 def load_head(model: nnx.Module, directory: epath.PathLike, *, include: Selector | None = None) -> list[str]:
@@ -82,27 +88,30 @@ def load_head(model: nnx.Module, directory: epath.PathLike, *, include: Selector
 
     include: the params the head must cover exactly (those of the model it selects); None: exactly
     the names the file holds. Tensors are cast to each param's dtype. Raises CheckpointMismatchError
-    naming every missing, unexpected and mis-shaped param.
+    naming the file and the first differing param (by name) and counting every missing, unexpected
+    and mis-shaped one.
     """
     directory = epath.Path(directory)
     weights_file = directory / WEIGHTS_FILE
     if not weights_file.exists():
-        raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}; expected a directory written by save_head")
-    tensors = safetensors.numpy.load(weights_file.read_bytes())
+        raise UserError(f"no {WEIGHTS_FILE} in {directory}; expected a directory written by save_head.")
+    tensors = safetensors_dir.read_file(weights_file)
     everything = select_params(model, lambda name: True)
     expected = set(select_params(model, include)) if include is not None else set(tensors)
     missing = sorted(expected - set(tensors))
     unexpected = sorted(name for name in tensors if name not in expected or name not in everything)
-    mismatched = sorted(
-        f"{name} (file {tuple(tensors[name].shape)}, model {tuple(everything[name][1].shape)})"
-        for name in expected & set(tensors) & set(everything)
-        if tuple(tensors[name].shape) != tuple(everything[name][1].shape))
-    if missing or unexpected or mismatched:
-        problems = [f"{title}: {', '.join(items)}" for title, items in
-                    (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if items]
-        raise CheckpointMismatchError(
-            f"the head in {directory} does not match the model ({'; '.join(problems)}); build the model "
-            f"from read_head_config({str(directory)!r}) and select the same params it was saved with")
+    mismatched = {
+        name: f"{name} (file {tuple(tensors[name].shape)}, model {tuple(everything[name][1].shape)})"
+        for name in sorted(expected & set(tensors) & set(everything))
+        if tuple(tensors[name].shape) != tuple(everything[name][1].shape)}
+    differences = sorted([*(f"{name} (missing from the file)" for name in missing), *mismatched.values()])
+    differences += [f"{name} (not in the model)" for name in unexpected]
+    if differences:
+        raise hf_clip.mismatch_error(
+            str(weights_file), against="the model it is loaded into",
+            first=differences[0], missing=missing, unexpected=unexpected, mismatched=list(mismatched.values()),
+            fix=f"build the model from read_head_config({str(directory)!r}) and select the same params it was "
+                "saved with.")
     names = sorted(tensors)
     updates = []
     for name in names:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from vlm_jax.errors import UserError
 from vlm_jax.models.clip import CLIPConfig
 
 Shape = tuple[int, ...]
@@ -179,8 +180,24 @@ def hf_param_table(config: CLIPConfig) -> list[Entry]:
     return entries
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint whose tensors do not match the model built from its config."""
+class CheckpointMismatchError(UserError, ValueError):
+    """A checkpoint whose tensors do not match the model built from its config (a one-line message
+    naming the file and the first differing parameter)."""
+
+
+def _listed(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def mismatch_error(source: str, *, against: str, first: str, missing: Sequence[str], unexpected: Sequence[str],
+                   mismatched: Sequence[str], fix: str) -> CheckpointMismatchError:
+    """The one-line error for a checkpoint `source` (a file) that does not match `against` ("the
+    model built from <config file>"); `first` is the first differing parameter and what differs."""
+    problems = [f"{title} ({len(items)}): {_listed(list(items))}" for title, items in
+                (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if items]
+    return CheckpointMismatchError(f"checkpoint {source} does not match {against}: first difference {first}; "
+                                   f"{'; '.join(problems)}; {fix}")
 
 
 def convert_from_hf(
@@ -189,32 +206,33 @@ def convert_from_hf(
     shapes: Mapping[str, Shape],
     *,
     source: str,
+    against: str,
 ) -> dict[str, np.ndarray]:
     """transformers tensors -> {our dotted param path: array}.
 
-    shapes: our param shapes by dotted path. Raises one CheckpointMismatchError listing
-    every missing, unexpected and shape-mismatched tensor.
+    shapes: our param shapes by dotted path. source: the weights file and against: the model
+    ("the model built from <config.json>"), for messages. Raises one CheckpointMismatchError naming the first differing
+    tensor and counting every missing, unexpected and shape-mismatched one.
     """
     known = {entry.hf for entry in table}
-    missing = [entry.hf for entry in table if entry.hf not in tensors]
     unexpected = sorted(name for name in tensors
                         if name not in known and not name.endswith(IGNORED_SUFFIXES))
-    mismatched = []
+    missing, mismatched, differences = [], [], []
     for entry in table:
         if entry.hf not in tensors:
+            missing.append(entry.hf)
+            differences.append(f"{entry.hf} (missing from the checkpoint)")
             continue
         want = CONVERSIONS[entry.conversion].hf_shape([shapes[path] for path in entry.ours])
         found = tuple(tensors[entry.hf].shape)
         if found != tuple(want):
             mismatched.append(f"{entry.hf}: checkpoint {found}, model expects {tuple(want)}")
-    if missing or unexpected or mismatched:
-        lines = [f"checkpoint {source} does not match the model built from its config.json:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected),
-                             ("shape mismatch", mismatched)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
-        lines.append("  Fix config.json or the weights so they describe the same model.")
-        raise CheckpointMismatchError("\n".join(lines))
+            differences.append(mismatched[-1])
+    differences += [f"{name} (not in the model)" for name in unexpected]
+    if differences:
+        raise mismatch_error(source, against=against, first=differences[0], missing=missing, unexpected=unexpected,
+                             mismatched=mismatched, fix="fix config.json or the weights so they describe the same "
+                             "model.")
     params = {}
     for entry in table:
         conversion = CONVERSIONS[entry.conversion]

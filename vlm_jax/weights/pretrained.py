@@ -22,8 +22,9 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
+from vlm_jax.errors import UserError
 from vlm_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
-from vlm_jax.weights import hf_clip, safetensors_dir
+from vlm_jax.weights import atomic, hf_clip, safetensors_dir
 from vlm_jax.weights import hf_config as hf_config_lib
 
 # What each kind's reference processor does when a directory has no preprocessor_config.json:
@@ -59,17 +60,23 @@ def load_model(path: epath.PathLike, *, dtype: str = "float32", param_dtype: str
 
     path: directory with config.json and model.safetensors (or shards with
     model.safetensors.index.json). dtype / param_dtype: compute and storage dtypes.
-    Raises CheckpointMismatchError listing every missing, unexpected or mis-shaped tensor.
+    Raises CheckpointMismatchError (a UserError) naming the weights file and the first differing
+    tensor, and a UserError naming the file for a missing, unreadable or corrupt one.
     """
     safetensors_dir.check_not_pickle(path)
     directory = epath.Path(path)
     config_file = directory / "config.json"
+    if not directory.exists():
+        raise UserError(f"the model directory {directory} does not exist.")
     if not config_file.exists():
-        raise FileNotFoundError(f"no config.json in {directory}; expected a Hugging Face model directory")
-    stored_config = json.loads(config_file.read_text())
+        raise UserError(f"no config.json in {directory}; expected a Hugging Face model directory.")
+    stored_config = safetensors_dir.read_json(config_file)
     if stored_config.get("model_type") == NATIVE_MODEL_TYPE:
         return _load_native(directory, stored_config, dtype=dtype, param_dtype=param_dtype)
-    config = hf_config_lib.from_hf_config(stored_config, dtype=dtype, param_dtype=param_dtype)
+    try:
+        config = hf_config_lib.from_hf_config(stored_config, dtype=dtype, param_dtype=param_dtype)
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{config_file} does not describe a CLIP or SigLIP model this package builds: {error}.") from None
     tensors = safetensors_dir.read_tensors(directory)
 
     model = nnx.eval_shape(lambda: CLIP(config, rngs=nnx.Rngs(0)))
@@ -77,7 +84,7 @@ def load_model(path: epath.PathLike, *, dtype: str = "float32", param_dtype: str
     params = hf_clip.convert_from_hf(
         tensors, hf_clip.hf_param_table(config),
         {name: tuple(variable.shape) for name, (_, variable) in variables.items()},
-        source=str(directory))
+        source=str(safetensors_dir.weights_file(directory)), against=f"the model built from {config_file}")
     unfilled = sorted(set(variables) - set(params))
     if unfilled:
         raise RuntimeError(f"the name table leaves model params unfilled: {unfilled}")
@@ -124,7 +131,9 @@ def save_pretrained(model: CLIP, path: epath.PathLike, *, tokenizer: Any = None,
     Params are written in their stored dtype; transformers loads the directory with
     ``CLIPModel.from_pretrained`` or ``SiglipModel.from_pretrained``, except for a model whose
     config transformers cannot represent (``_hf_unrepresentable``), which is written in our
-    own format (module docstring) for ``load_pretrained`` only.
+    own format (module docstring) for ``load_pretrained`` only. The export is atomic
+    (`vlm_jax.weights.atomic`): ``path`` holds either the whole export, ending with
+    export_complete.json, or what it held before.
     """
     directory = epath.Path(path)
     config = model.config
@@ -142,12 +151,13 @@ def save_pretrained(model: CLIP, path: epath.PathLike, *, tokenizer: Any = None,
     else:
         stored_config = hf_config_lib.to_hf_config(config)
         tensors = hf_clip.convert_to_hf(params, hf_clip.hf_param_table(config))
-    safetensors_dir.write_tensors(directory, tensors)
-    (directory / "config.json").write_text(json.dumps(stored_config, indent=2, sort_keys=True) + "\n")
-    if tokenizer is not None:
-        tokenizer.save(directory)
-    if preprocess is not None:
-        preprocess.save(directory)
+    with atomic.atomic_export(directory, format=stored_config["model_type"]) as staging:
+        safetensors_dir.write_tensors(staging, tensors)
+        (staging / "config.json").write_text(json.dumps(stored_config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(staging)
+        if preprocess is not None:
+            preprocess.save(staging)
 
 
 # config.json model_type of vlm_jax's own format.
@@ -166,24 +176,34 @@ def _hf_unrepresentable(config: CLIPConfig) -> str:
 def _load_native(directory: epath.Path, stored_config: dict[str, Any], *, dtype: str,
                  param_dtype: str) -> CLIP:
     """Builds the model of a directory in our own format and fills it; tensor names are ours."""
-    fields = dict(stored_config[NATIVE_MODEL_TYPE])
-    vision, text = VisionConfig(**fields.pop("vision")), TextConfig(**fields.pop("text"))
-    config = CLIPConfig(vision=vision, text=text, **fields, dtype=dtype, param_dtype=param_dtype)
+    try:
+        fields = dict(stored_config[NATIVE_MODEL_TYPE])
+        vision, text = VisionConfig(**fields.pop("vision")), TextConfig(**fields.pop("text"))
+        config = CLIPConfig(vision=vision, text=text, **fields, dtype=dtype, param_dtype=param_dtype)
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{directory / 'config.json'} is not a {NATIVE_MODEL_TYPE} config this version reads: "
+                        f"{error}.") from None
     tensors = safetensors_dir.read_tensors(directory)
     model = nnx.eval_shape(lambda: CLIP(config, rngs=nnx.Rngs(0)))
     variables = _flat_params(model)
-    missing = sorted(set(variables) - set(tensors))
+    missing = [name for name in variables if name not in tensors]
     unexpected = sorted(set(tensors) - set(variables))
-    mismatched = [f"{name}: checkpoint {tuple(tensors[name].shape)}, model expects {tuple(variable.shape)}"
-                  for name, (_, variable) in variables.items()
-                  if name in tensors and tuple(tensors[name].shape) != tuple(variable.shape)]
-    if missing or unexpected or mismatched:
-        lines = [f"checkpoint {directory} does not match the model built from its config.json:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
-        lines.append("  Fix config.json or the weights so they describe the same model.")
-        raise hf_clip.CheckpointMismatchError("\n".join(lines))
+    mismatched_by_name = {
+        name: f"{name}: checkpoint {tuple(tensors[name].shape)}, model expects {tuple(variable.shape)}"
+        for name, (_, variable) in variables.items()
+        if name in tensors and tuple(tensors[name].shape) != tuple(variable.shape)}
+    differences = []  # in model order, then what the model lacks
+    for name in variables:
+        if name not in tensors:
+            differences.append(f"{name} (missing from the checkpoint)")
+        elif name in mismatched_by_name:
+            differences.append(mismatched_by_name[name])
+    differences += [f"{name} (not in the model)" for name in unexpected]
+    if differences:
+        raise hf_clip.mismatch_error(
+            str(safetensors_dir.weights_file(directory)), against=f"the model built from {directory / 'config.json'}",
+            first=differences[0], missing=missing, unexpected=unexpected, mismatched=list(mismatched_by_name.values()),
+            fix="fix config.json or the weights so they describe the same model.")
     target = jnp.dtype(param_dtype)
     nnx.update(model, nnx.from_flat_state([
         (path, variable.replace(jnp.asarray(tensors[name], dtype=target)))
