@@ -74,18 +74,22 @@ def run(config, workdir: str) -> dict:
     records the config (config.json, config_history.jsonl) itself once the checkpoint it resumes
     matches; every other task's config is recorded here, before the task starts.
     """
-    from vlm_jax.train import sharding  # noqa: PLC0415 - jax only for tasks that get this far
-    from vlm_jax.train import workdir as workdir_lib  # noqa: PLC0415
+    from vlm_jax.train import workdir as workdir_lib  # noqa: PLC0415 - jax only for tasks that get this far
 
     if "task" not in config:
         raise ConfigError("the config has no `task` field; every experiment config must name one.")
-    task = resolve_task(config.task)
+    if config.task not in TASKS:
+        resolve_task(config.task)  # the one-line error naming the known tasks
     workdir_path = epath.Path(workdir)
     workdir_lib.check_writable(workdir_path, "the workdir")
     if "distributed" in config:
+        from vlm_jax.train import sharding  # noqa: PLC0415
+
         # Only process 0 holds the lock, and only the distributed runtime knows which one that is.
         sharding.initialize_distributed(config.distributed)
+    # The lock before the task's (slow) imports: a second run into a busy workdir ends at once.
     with workdir_lib.WorkdirLock(workdir_path):
+        task = resolve_task(config.task)
         if config.task != "train":  # the "train" task is `trainer.train` on this workdir
             workdir_lib.check_config_change(workdir_path, config, refuse_model_change=False)
             workdir_lib.record_config(workdir_path, config)
