@@ -40,10 +40,10 @@ from vlm_jax.config_lib import (ConfigError, defaults_of, require_data_files, re
 from vlm_jax.memory import neighbours as neighbours_lib
 from vlm_jax.memory.device import DeviceRetriever, default_mesh, place_memory
 from vlm_jax.memory.index import IndexConfig
-from vlm_jax.methods.clip import DEFAULT_BATCH_AXES, softmax_contrastive_loss
 from vlm_jax.models.clip import CLIP
 from vlm_jax.models.fusion import Fusion, FusionConfig, MeanFusion
 from vlm_jax.models.layers import l2_normalize
+from vlm_jax.models.losses import DEFAULT_BATCH_AXES, softmax_contrastive_loss
 
 MODALITIES = ("image", "text")
 
