@@ -48,6 +48,7 @@ import msgpack
 import numpy as np
 
 from vlm_jax.data.bad_input import BadRecordError
+from vlm_jax.files import write_atomic
 
 _LOG = logging.getLogger(__name__)
 RECORD_FORMAT = "vlm_jax.corpus/1"
@@ -444,8 +445,7 @@ def convert_to_array_record(
     fields = sorted({key for index in range(min(total, 64))
                      for key in _read_for_conversion(source, index, ()) if key != "_bad_input"} | set(json_fields))
     meta_path = os.path.join(output_dir, f"{name}.meta.json")
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump({"format": RECORD_FORMAT, "num_examples": written, "shards": [os.path.basename(p) for p in paths],
-                   "fields": fields}, f, indent=1)
-    os.replace(meta_path + ".tmp", meta_path)
+    meta = {"format": RECORD_FORMAT, "num_examples": written, "shards": [os.path.basename(p) for p in paths],
+            "fields": fields}
+    write_atomic(meta_path, lambda file: json.dump(meta, file, indent=1), binary=False)
     return paths

@@ -26,12 +26,13 @@ import functools
 import json
 import os
 import re
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+from vlm_jax.files import write_atomic  # noqa: F401  (store.write_atomic: the memory's writer)
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "memory.json"
@@ -93,23 +94,6 @@ def unit_rows(rows: np.ndarray, dtype: Any = np.float32, *, chunk_rows: int = _U
         values = chunk(start)
         out[start : start + chunk_rows] = values / np.maximum(np.linalg.norm(values, axis=-1, keepdims=True), 1e-12)
     return out
-
-
-def write_atomic(path: str, write: Callable[[Any], None], *, binary: bool = True) -> None:
-    """Writes `path` through `write(file)` under a temporary name, flushes it to disk, then renames.
-
-    Readers and resumed builds see either no file or the whole file, never a prefix.
-    """
-    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with open(temporary, "wb" if binary else "w") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def save_array(path: str, array: np.ndarray) -> None:

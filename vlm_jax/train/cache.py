@@ -31,6 +31,7 @@ from typing import Any
 from absl import logging
 
 from vlm_jax.errors import UserError
+from vlm_jax.files import write_atomic
 
 MARKER = "COMPLETE.json"
 KEY_FILE = "key.json"
@@ -59,10 +60,8 @@ def cache_key(config: Any, dataset_version: str) -> str:
 
 
 def _write_json(path: pathlib.Path, value: Mapping[str, Any]) -> None:
-    # Written to a temporary name and renamed, so a reader never sees half a marker.
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
-    os.replace(partial, path)
+    # Written whole or not at all, so a reader never sees half a marker.
+    write_atomic(str(path), lambda file: file.write(json.dumps(value, indent=1, sort_keys=True) + "\n"), binary=False)
 
 
 def _lock(path: pathlib.Path, timeout: float):
