@@ -221,12 +221,22 @@ class Attention(nnx.Module):
         keys_values = queries if keys_values is None else keys_values
         if num_queries is not None:
             queries = queries[:, :num_queries]
-        q = self.q_proj(queries)
-        k = self.k_proj(keys_values)
-        v = self.v_proj(keys_values)
-        mask = None if key_mask is None else key_mask.astype(bool)[:, None, None, :]  # [B, heads, Q, S]
+        return self.attend(queries, *self.project_kv(keys_values), key_mask=key_mask, is_causal=is_causal)
+
+    def project_kv(self, keys_values: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """keys_values [B, S, kv_width] -> (keys, values) [B, S, heads, kv], e.g. a decoder's cache."""
+        return self.k_proj(keys_values), self.v_proj(keys_values)
+
+    def attend(self, queries: jax.Array, keys: jax.Array, values: jax.Array, *, key_mask: jax.Array | None = None,
+               is_causal: bool = False) -> jax.Array:
+        """queries [B, Q, width] over projected keys/values [B, S, heads, kv] -> [B, Q, width];
+        key_mask bool [B, S] or [B, Q, S] (per query)."""
+        mask = None
+        if key_mask is not None:
+            mask = key_mask.astype(bool)
+            mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]  # [B, heads, Q, S]
         attended = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, scale=1.0 / math.sqrt(self.head_dim), is_causal=is_causal)
+            self.q_proj(queries), keys, values, mask=mask, scale=1.0 / math.sqrt(self.head_dim), is_causal=is_causal)
         return self.out_proj(attended)
 
 
@@ -327,6 +337,34 @@ class Block(nnx.Module):
             attended = self.cross_attn(self.cross_attn_layer_norm(hidden), context, key_mask=context_mask)
             hidden = hidden + dropout(attended, self.dropout, rngs[1])
         return hidden + dropout(self.mlp(self.layer_norm2(hidden)), self.dropout, rngs[-1])
+
+    def cached(self, hidden: jax.Array, cache: tuple[jax.Array, jax.Array], start: jax.Array, *,
+               context_kv: tuple[jax.Array, jax.Array] | None = None, context_mask: jax.Array | None = None,
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Causal decoding with a key/value cache: T new tokens of each row at positions
+        start[b] .. start[b] + T - 1.
+
+        hidden [B, T, width]; cache (keys, values) [B, L, heads, kv]; start int32 [B];
+        context_kv: the cross-attention's projected context (`cross_attn.project_kv(context)`).
+        The new keys/values are written into the cache; token t attends to cache positions
+        <= start + t. Returns (hidden [B, T, width], the updated cache). Deterministic (no dropout).
+        The same as `__call__(is_causal=True)` on the whole sequence, one chunk at a time.
+        """
+        if (context_kv is None) != (self.cross_attn is None):
+            raise ValueError("a block with cross-attention needs context_kv and one without refuses it.")
+        steps = hidden.shape[1]
+        normed = self.layer_norm1(hidden)
+        keys, values = self.self_attn.project_kv(normed)
+        write = jax.vmap(lambda buffer, new, at: jax.lax.dynamic_update_slice_in_dim(buffer, new, at, axis=0))
+        cache = (write(cache[0], keys.astype(cache[0].dtype), start), write(cache[1], values.astype(cache[1].dtype),
+                                                                          start))
+        positions = start[:, None] + jnp.arange(steps)[None, :]  # [B, T]
+        visible = jnp.arange(cache[0].shape[1])[None, None, :] <= positions[:, :, None]  # [B, T, L]
+        hidden = hidden + self.self_attn.attend(normed, *cache, key_mask=visible)
+        if self.cross_attn is not None:
+            hidden = hidden + self.cross_attn.attend(self.cross_attn_layer_norm(hidden), *context_kv,
+                                                     key_mask=context_mask)
+        return hidden + self.mlp(self.layer_norm2(hidden)), cache
 
 
 def _apply_block(block: Block, hidden: jax.Array, key_mask: jax.Array | None, is_causal: bool) -> jax.Array:
