@@ -48,6 +48,8 @@ TASKS = {
     "zero_shot_eval": "vlm_jax.evaluate.tasks:zero_shot_eval",
     "train": "vlm_jax.methods:train_task",
     "reco": "vlm_jax.methods.reco:reco_task",
+    "captioner": "vlm_jax.methods:captioner_task",
+    "rar": "vlm_jax.methods.rar:rar_task",
 }
 
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 METHODS = {
     "clip": "vlm_jax.methods.clip:ClipMethod",
     "reco": "vlm_jax.methods.reco:RecoMethod",
+    "captioner": "vlm_jax.mllm.training:CaptionerMethod",  # the embedded MLLM (experiments/captioner.py)
 }
 
 
@@ -45,3 +46,11 @@ def train_task(config, workdir: epath.Path) -> dict[str, float]:
     if "preempted_at_step" in metrics:
         raise Preempted(f"stopped at step {int(metrics['preempted_at_step'])} in {workdir}")
     return metrics
+
+
+def captioner_task(config, workdir: epath.Path) -> dict[str, float]:
+    """The `captioner` task (experiments/captioner.py): the base CLIP resolved to a directory (the
+    cached CLIP of `clip_config` when clip_dir is empty), then the `train` task (method "captioner")."""
+    from vlm_jax.methods.runner import resolve_captioner_clip  # noqa: PLC0415
+
+    return train_task(resolve_captioner_clip(config), workdir)

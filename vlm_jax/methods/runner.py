@@ -105,29 +105,81 @@ def base_model_dir(config, workdir: epath.Path) -> str:
         return str(require_path(config.clip_dir, "clip_dir", field="clip_dir", containing=("config.json",)))
     if not config.clip_config:
         raise ConfigError(NO_BASE_MODEL)
+    from vlm_jax.methods.clip import ClipMethod  # noqa: PLC0415
+
+    module, base = base_model_config(config)
+    return cached_model_dir(base, ClipMethod(), module=module, cache_dir=config.get("cache_dir"),
+                            what="the base model")
+
+
+def cached_model_dir(base, method, *, module, cache_dir: str | None, what: str) -> str:
+    """The export of `base` (a resolved experiment config) trained by the shared trainer with
+    `method`, once per resolved config and dataset version in the shared cache (`vlm_jax.train.cache`);
+    an interrupted build resumes, and SIGTERM during it raises Preempted. A cached build counts as
+    done only when its export holds the completion marker (`vlm_jax.weights.atomic`)."""
+    from vlm_jax.train.cache import cached_run  # noqa: PLC0415
+    from vlm_jax.weights.atomic import export_finished  # noqa: PLC0415
+
+    version = module.dataset_version(base) if hasattr(module, "dataset_version") else ""
+    directory = cached_run(base, lambda directory: train_export(base, directory, method, what), root=cache_dir or None,
+                           dataset_version=version, finished=lambda directory: export_finished(directory / "export"))
+    return str(directory / "export")
+
+
+def train_export(config, directory: epath.Path, method, what: str) -> str:
+    """Trains `config` with `method` into `directory` (resuming its checkpoints) unless its export
+    is finished; returns the export's path. SIGTERM during it raises Preempted."""
     import jax  # noqa: PLC0415
 
-    from vlm_jax.methods.clip import ClipMethod  # noqa: PLC0415
-    from vlm_jax.train.cache import cached_run  # noqa: PLC0415
     from vlm_jax.train.trainer import train  # noqa: PLC0415
     from vlm_jax.weights.atomic import export_finished  # noqa: PLC0415
 
-    module, base = base_model_config(config)
-
-    def build(directory):
-        logging.info("Training the base model (%s) into %s.", config.clip_config, directory)
-        metrics = train(base, directory, ClipMethod())
+    directory = epath.Path(directory)
+    if not export_finished(directory / "export"):
+        logging.info("Training %s into %s.", what, directory)
+        metrics = train(config, directory, method)
         if "preempted_at_step" in metrics:
-            raise Preempted(f"stopped at step {int(metrics['preempted_at_step'])} while training the base model "
+            raise Preempted(f"stopped at step {int(metrics['preempted_at_step'])} while training {what} "
                             f"in {directory}")
         if jax.process_index() == 0 and not export_finished(directory / "export"):
-            raise RuntimeError(f"training the base model in {directory} ended without a finished export "
+            raise RuntimeError(f"training {what} in {directory} ended without a finished export "
                                f"({directory / 'export'} has no completion marker).")
-
-    version = module.dataset_version(base) if hasattr(module, "dataset_version") else ""
-    directory = cached_run(base, build, root=config.get("cache_dir") or None, dataset_version=version,
-                           finished=lambda directory: export_finished(directory / "export"))
     return str(directory / "export")
+
+
+def captioner_config(config) -> tuple[Any, ml_collections.ConfigDict]:
+    """(module, resolved config) of the embedded MLLM that `config.mllm_config` names (an
+    experiments/captioner.py config), its base CLIP resolved to a directory."""
+    module = experiment_module(config.mllm_config.partition(":")[0])
+    captioner = load_config_file(config.mllm_config)
+    if captioner.get("method") != "captioner":
+        raise ConfigError(f"mllm_config {config.mllm_config!r} trains method {captioner.get('method')!r}; the "
+                          "embedded MLLM must be a captioner (experiments/captioner.py).")
+    if config.get("data_dir") is not None:
+        captioner.data_dir = config.data_dir
+    if config.get("cache_dir"):
+        captioner.cache_dir = config.cache_dir
+    return module, resolve_captioner_clip(captioner)
+
+
+def resolve_captioner_clip(captioner: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A captioner config with clip_dir set: its own, or the cached base CLIP of its clip_config."""
+    if not captioner.clip_dir:
+        captioner.clip_dir = base_model_dir(captioner, None)
+    return captioner
+
+
+def captioner_dir(config) -> str:
+    """The embedded MLLM's export: `config.mllm.model_dir` when set, else the captioner that
+    `config.mllm_config` names, trained once per resolved config into the shared cache."""
+    if config.mllm.model_dir:
+        return str(require_path(config.mllm.model_dir, "mllm.model_dir", field="mllm.model_dir",
+                                containing=("captioner.json",)))
+    from vlm_jax.mllm.training import CaptionerMethod  # noqa: PLC0415
+
+    module, captioner = captioner_config(config)
+    return cached_model_dir(captioner, CaptionerMethod(), module=module, cache_dir=config.get("cache_dir"),
+                            what="the embedded MLLM")
 
 
 def prepare_tfds(data) -> None:
@@ -277,9 +329,9 @@ def variant_configs(config, base: ml_collections.ConfigDict) -> dict[str, ml_col
 
 def summarize(baseline_metrics: Mapping[str, float], runs: Mapping[str, Sequence[Mapping[str, float]]],
               metrics: Sequence[str]) -> dict[str, float]:
-    """Flat results: "baseline/<metric>", "<variant>/<metric>" (mean over seeds), ".../std" (sample
-    std), ".../min", ".../max", ".../seed_<i>"."""
-    results = {f"baseline/{metric}": float(baseline_metrics[metric]) for metric in metrics}
+    """Flat results: "baseline/<metric>" (nan where the baseline has no such metric), "<variant>/<metric>"
+    (mean over seeds), ".../std" (sample std), ".../min", ".../max", ".../seed_<i>"."""
+    results = {f"baseline/{metric}": float(baseline_metrics.get(metric, float("nan"))) for metric in metrics}
     for variant, variant_runs in runs.items():
         for metric in metrics:
             values = np.asarray([run[metric] for run in variant_runs], np.float64)
@@ -309,7 +361,10 @@ def format_table(results: Mapping[str, float], rows: Mapping[str, str], columns:
         for metric, _ in columns:
             mean = 100 * results[f"{row}/{metric}"]
             std = results.get(f"{row}/{metric}/std")
-            cells.append(f"{mean:>16.1f}" if std is None else f"{f'{mean:.1f} ± {100 * std:.1f}':>16}")
+            if np.isnan(mean):
+                cells.append(f"{'-':>16}")
+            else:
+                cells.append(f"{mean:>16.1f}" if std is None else f"{f'{mean:.1f} ± {100 * std:.1f}':>16}")
         lines.append(f"{label:<{width}}" + "".join(cells))
     lines.append(f"(in %; variant rows: mean ± sample std over {seeds} seed(s))")
     return "\n".join(lines)
@@ -317,11 +372,15 @@ def format_table(results: Mapping[str, float], rows: Mapping[str, str], columns:
 
 def run_experiment(config, workdir: epath.PathLike, method, *, stages: Callable[[Stages], Mapping[str, Any]],
                    run_config: Callable[[ml_collections.ConfigDict, Mapping[str, Any]], ml_collections.ConfigDict],
-                   baseline_metrics: Callable[[Mapping[str, Any]], Mapping[str, float]]) -> dict[str, float]:
+                   baseline_metrics: Callable[[Mapping[str, Any]], Mapping[str, float]],
+                   run: Callable[[ml_collections.ConfigDict, epath.Path], dict[str, float]] | None = None,
+                   ) -> dict[str, float]:
     """Runs the stages, the baseline once, every variant for `config.seeds` seeds; writes the table.
 
     stages(Stages) -> context (paths the stages made); run_config(variant config, context) -> the
-    trainer config of one run; baseline_metrics(context) -> the frozen views' metrics. Raises
+    config of one run; baseline_metrics(context) -> the frozen views' metrics (a metric it lacks is
+    "-" in the table); run(run config, run dir) -> the run's metrics (default: the shared trainer
+    with `method`; a method that trains nothing per run, RAR, evaluates here). Raises
     Preempted when a stage or a run stops on SIGTERM (what is done stays done; a rerun resumes).
     """
     from vlm_jax.train.trainer import train  # noqa: PLC0415
@@ -343,10 +402,10 @@ def run_experiment(config, workdir: epath.PathLike, method, *, stages: Callable[
             if (run_dir / "results.json").exists():
                 runs[variant].append(json.loads((run_dir / "results.json").read_text()))
                 continue
-            run = ml_collections.ConfigDict(variant_config.to_dict())
-            run.seed = int(config.seed) + index
+            one = ml_collections.ConfigDict(variant_config.to_dict())
+            one.seed = int(config.seed) + index
             started = time.perf_counter()
-            result = train(run, run_dir, method)
+            result = train(one, run_dir, method) if run is None else dict(run(one, run_dir))
             if "preempted_at_step" in result:
                 raise Preempted(f"stopped at step {int(result['preempted_at_step'])} of the run in {run_dir}")
             result["time/run_s"] = time.perf_counter() - started

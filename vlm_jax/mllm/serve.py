@@ -177,6 +177,16 @@ def serving(backend: Any, model_name: str = "vlm-jax-embedded", **options: Any) 
         thread.join()
 
 
+def over_http(section: Any, stack: contextlib.ExitStack):
+    """The embedded backend of an `MLLMConfig` section served on loopback for the life of `stack`, and
+    the HTTP client (the section's other fields) talking to it: the whole HTTP path, offline."""
+    from vlm_jax.mllm import make_backend  # noqa: PLC0415
+
+    section = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+    url = stack.enter_context(serving(make_backend({**section, "backend": "embedded"})))
+    return make_backend({**section, "backend": "openai", "base_url": url})
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
