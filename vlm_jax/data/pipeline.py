@@ -412,6 +412,16 @@ def make_source(config: Mapping[str, Any] | ml_collections.ConfigDict, *, split:
     )
 
 
+def read_images(config: Mapping[str, Any] | ml_collections.ConfigDict, indices: Sequence[int]) -> list[np.ndarray]:
+    """The decoded uint8 images [H, W, 3] of a data config's records at `indices` (source positions,
+    e.g. a memory's `indices`), for consumers that need pixels as stored (an MLLM, region crops)."""
+    from vlm_jax.data.decoding import decode_image  # noqa: PLC0415
+
+    source = make_source(config)
+    key = _field(config, "image_key") or "image"
+    return [decode_image(source[int(index)][key]) for index in indices]
+
+
 def make_decoder(config, preprocess, tokenizer) -> ExampleDecoder:
     """The `ExampleDecoder` a data config describes; registry entries fill image/label keys."""
     image_key, label_key = _field(config, "image_key"), _field(config, "label_key")

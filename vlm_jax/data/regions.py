@@ -89,3 +89,12 @@ def xywh_to_xyxy(boxes: ArrayLike) -> np.ndarray:
     """float64 [..., 4] (x0, y0, x1, y1) from [..., 4] (x, y, w, h) (COCO / LVIS)."""
     boxes = np.asarray(boxes, dtype=np.float64)
     return np.concatenate([boxes[..., :2], boxes[..., :2] + boxes[..., 2:]], axis=-1)
+
+
+def crop_annotations(images, annotations, *, size: int, min_scale: float = 1.0, max_scale: float = 3.0,
+                     blur_sigma: float = 2.0) -> np.ndarray:
+    """uint8 [A, size, size, 3]: each LVIS-format annotation's box ({"image_id", "bbox" [x, y, w, h]})
+    cropped from `images[image_id]` by `crop_region`."""
+    return np.stack([crop_region(images[annotation["image_id"]], xywh_to_xyxy(np.asarray(annotation["bbox"], float)),
+                                 size=size, min_scale=min_scale, max_scale=max_scale, blur_sigma=blur_sigma)
+                     for annotation in annotations]) if annotations else np.zeros((0, size, size, 3), np.uint8)

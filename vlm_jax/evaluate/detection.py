@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from vlm_jax.config_lib import ConfigError
@@ -261,3 +262,50 @@ def shapes_world_lvis(examples: Sequence[dict], config: str | WorldConfig = "def
         images.append({"id": image_id, "width": width, "height": height,
                        "neg_category_ids": [c for c in all_ids if c not in held], "not_exhaustive_category_ids": []})
     return _check_lvis({"images": images, "annotations": annotations, "categories": categories}, "Shapes World")
+
+
+def boxes_config() -> Any:
+    """The config section `load_boxes` reads: annotations (an LVIS-format file; "": Shapes World
+    regions of `data`), image_dir, limit (images read, 0: all), data (a pipeline data section)."""
+    import ml_collections  # noqa: PLC0415
+
+    from vlm_jax.data.pipeline import default_config  # noqa: PLC0415
+
+    return ml_collections.ConfigDict({"annotations": "", "image_dir": "", "limit": 0, "data": default_config()})
+
+
+def load_boxes(annotations: str, image_dir: str, data: Any, limit: int = 0) -> tuple[dict, dict[int, np.ndarray]]:
+    """Given boxes and their images: an LVIS-format file (`annotations`, images under `image_dir` by
+    file_name, else coco_url's last part) or, with annotations "", the Shapes World regions of the split `data` names (a
+    pipeline data section). limit: images read (0: all). -> (gt restricted to them, {image id:
+    uint8 image [H, W, 3]})."""
+    from vlm_jax.data.decoding import decode_image  # noqa: PLC0415
+    from vlm_jax.data.pipeline import make_source  # noqa: PLC0415
+
+    if annotations:
+        gt = load_lvis(annotations)
+        # LVIS v1 names images by coco_url only; its file name is the URL's last part.
+        images = {image["id"]: decode_image((epath.Path(image_dir) / (
+            image.get("file_name") or image["coco_url"].rsplit("/", 1)[-1])).read_bytes())
+            for image in gt["images"][: limit or None]}
+    else:
+        source = make_source(data)
+        examples = [source[index] for index in range(min(len(source), limit or len(source)))]
+        gt = shapes_world_lvis(examples)
+        images = {int(example["index"]): decode_image(example["image"]) for example in examples}
+    kept = [annotation for annotation in gt["annotations"] if annotation["image_id"] in images]
+    return {**gt, "images": [image for image in gt["images"] if image["id"] in images], "annotations": kept}, images
+
+
+def ranked_detections(annotations: Sequence[dict], ranked: np.ndarray, scores: np.ndarray,
+                      category_ids: np.ndarray) -> list[dict[str, Any]]:
+    """Recognition of given boxes as detections: box i gets one detection per ranked class (indices
+    [A, k] into `category_ids`, -1 none), scored by the box's scores [A, k] sorted high to low, so a
+    re-ranking changes which class holds each score, not the box's confidence."""
+    detections = []
+    for annotation, labels, row in zip(annotations, ranked, -np.sort(-np.asarray(scores), axis=1)):
+        for label, score in zip(labels, row):
+            if label >= 0:
+                detections.append({"image_id": annotation["image_id"], "bbox": list(annotation["bbox"]),
+                                   "category_id": int(category_ids[label]), "score": float(score)})
+    return detections

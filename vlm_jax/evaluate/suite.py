@@ -144,6 +144,12 @@ def class_names_and_templates(spec) -> tuple[list[str], Any]:
     return entry.class_names(data_dir=spec.data.data_dir), list(spec.templates) or entry.templates
 
 
+def class_subsets(spec) -> dict[str, np.ndarray]:
+    """A zero-shot spec's class subsets by name (e.g. Shapes World's frequency classes); {} for none."""
+    entry = _registry_entry(spec.classes or spec.data.dataset)
+    return _class_subsets(entry, spec.subsets, spec.data.tfds_name or entry.tfds_name or "") or {}
+
+
 def build_evaluator(name: str, spec: Mapping[str, Any], preprocess, tokenizer, views: Views = clip_views) -> SpecEvaluator:
     """The evaluator one spec describes, scoring the view `spec.pred` of the model it runs on."""
     spec = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
