@@ -237,15 +237,19 @@ def preprocess_image(image: PIL.Image.Image | np.ndarray, spec: PreprocessSpec) 
     Returns:
       float32 [S, S, 3], S = spec.image_size.
     """
+    scaled = resize_and_crop(image, spec).astype(np.float32) * np.float32(1 / 255)
+    return (scaled - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+
+
+def resize_and_crop(image: PIL.Image.Image | np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """`preprocess_image` before normalization: uint8 RGB, resized and cropped as the spec says
+    (for pixels stored once and normalized per batch)."""
     rgb = to_rgb(image)
     height, width = _resized_shape(rgb.height, rgb.width, spec)
     if (height, width) != (rgb.height, rgb.width):
         rgb = rgb.resize((width, height), resample=_RESAMPLE_CODES[spec.resample])
     pixels = np.asarray(rgb)
-    if spec.crop:
-        pixels = _center_crop(pixels, spec.image_size)
-    scaled = pixels.astype(np.float32) * np.float32(1 / 255)
-    return (scaled - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return _center_crop(pixels, spec.image_size) if spec.crop else pixels
 
 
 def preprocess_images(images, spec: PreprocessSpec) -> np.ndarray:

@@ -69,6 +69,12 @@ def load_captioner(directory: epath.PathLike) -> tuple[captioner_lib.Captioner, 
         difference = sorted(names ^ set(tensors))
         raise UserError(f"{directory / WEIGHTS_FILE} does not match captioner.json: parameter {difference[0]} is in "
                         "one and not the other; export the captioner again.")
+    for path, value in flat:
+        name = "/".join(map(str, path))
+        if tuple(tensors[name].shape) != tuple(value.get_value().shape):
+            raise UserError(f"{directory / WEIGHTS_FILE} does not match captioner.json: parameter {name} is "
+                            f"{tuple(tensors[name].shape)} in the weights and {tuple(value.get_value().shape)} in "
+                            "the config; export the captioner again.")
     updates = [(path, value.replace(jnp.asarray(tensors["/".join(map(str, path))], value.dtype)))
                for path, value in flat]
     nnx.update(model, nnx.from_flat_state(updates))
@@ -211,10 +217,12 @@ class EmbeddedMLLM:
               normalize: bool = False) -> np.ndarray:
         count = check_candidates(images, prompts, candidates)
         scores = np.zeros((len(images), count), np.float32)
+        if count == 0:
+            return scores
         for start, end in self._chunks(len(images)):
             rows = [[self.coder.sequence(prompts[b], candidate) for candidate in candidates[b]]
                     for b in range(start, end)]
-            width = _bucket(max(int(np.count_nonzero(r[1])) + r[2] for row in rows for r in row), 
+            width = _bucket(max(int(np.count_nonzero(r[1])) + r[2] for row in rows for r in row),
                             self.config.context_length)
             ids = np.stack([[rows[b][c][0][:width] for b in range(end - start)] for c in range(count)])
             mask = np.stack([[rows[b][c][1][:width] for b in range(end - start)] for c in range(count)])

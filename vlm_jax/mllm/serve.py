@@ -356,7 +356,8 @@ def _decode_image(url: Any) -> np.ndarray:
 
 
 def main() -> None:
-    """`python -m vlm_jax.mllm.serve --model_dir=DIR [--host=127.0.0.1] [--port=8000] [--model_name=...]`."""
+    """`python -m vlm_jax.mllm.serve --model_dir=DIR [--host=127.0.0.1] [--port=8000] [--model_name=...]
+    [--batch_size=64] [--beam_size=1]`."""
     from absl import app, flags  # noqa: PLC0415
 
     model_dir = flags.DEFINE_string("model_dir", None, "embedded captioner export (experiments/captioner.py)",
@@ -364,13 +365,17 @@ def main() -> None:
     host = flags.DEFINE_string("host", "127.0.0.1", "address to listen on")
     port = flags.DEFINE_integer("port", 8000, "port to listen on (0: a free one)")
     model_name = flags.DEFINE_string("model_name", "vlm-jax-embedded", "the model id /v1/models lists")
+    batch_size = flags.DEFINE_integer("batch_size", 64, "rows per backend call: concurrent requests share one; "
+                                      "a call costs a full batch, so match it to the clients' concurrency")
+    beam_size = flags.DEFINE_integer("beam_size", 1, "1: greedy decoding; more: beam search")
 
     def serve(argv: Sequence[str]) -> None:
         del argv
         from vlm_jax.mllm import make_backend  # noqa: PLC0415
 
         try:
-            backend = make_backend({"backend": "embedded", "model_dir": model_dir.value})
+            backend = make_backend({"backend": "embedded", "model_dir": model_dir.value,
+                                    "batch_size": batch_size.value, "beam_size": beam_size.value})
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)

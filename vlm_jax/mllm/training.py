@@ -129,11 +129,12 @@ def read_conversations(path: str, limit: int = 0) -> tuple[list[np.ndarray], lis
 
 
 class CaptionData:
-    """Every source's examples as host arrays: images uint8 [M, S, S, 3]; per source "image_row"
+    """Every source's examples as host arrays: images uint8 [M, S, S, 3] (resized and cropped by the
+    preprocessing spec, normalized per batch by `GatherImages`); per source "image_row"
     int32 [N], "ids" int32 [N, L], "mask" float32 [N, L]."""
 
-    def __init__(self, sources: Mapping[str, Any], coder, image_size: int):
-        from vlm_jax.data.preprocess import to_rgb  # noqa: PLC0415
+    def __init__(self, sources: Mapping[str, Any], coder, preprocess):
+        from vlm_jax.data.preprocess import resize_and_crop  # noqa: PLC0415
 
         images, self.parts, self.weights = [], {}, {}
         for name, section in sources.items():
@@ -146,7 +147,7 @@ class CaptionData:
             if not pairs:
                 raise ConfigError(f"captions.{name} has no examples.")
             offset = len(images)
-            images.extend(np.asarray(to_rgb(image).resize((image_size, image_size))) for image in part_images)
+            images.extend(resize_and_crop(image, preprocess) for image in part_images)  # as inference sees them
             try:
                 rows = [coder.sequence(prompt, answer) for _, prompt, answer in pairs]
             except ValueError as error:
@@ -296,8 +297,7 @@ class CaptionerMethod:
         from vlm_jax.data.arrays import ArrayDecoder, ArraySource  # noqa: PLC0415
 
         if self._data is None:
-            self._data = CaptionData(config.captions, self.coder(config),
-                                     int(self.pretrained(config).config.vision.image_size))
+            self._data = CaptionData(config.captions, self.coder(config), self.pretrained(config).preprocess)
         sources = [pipeline.WeightedSource(ArraySource(part), ArrayDecoder(), self._data.weights[name])
                    for name, part in self._data.parts.items()]
         return iter(pipeline.train_mixture(
