@@ -61,8 +61,7 @@ def test_ranking_prompt_and_schema():
     assert prompt.endswith("Here are the optional categories:['zorvid', 'kalpo'].")
     plain = rar.RarConfig(prompt="Sort {k}: {names}", list_style="plain")
     assert rar.ranking_prompt(plain, NAMES[:2]) == "Sort 2: [zorvid, kalpo]"
-    assert rar.ranking_schema(NAMES[:2]) == {"type": "array", "items": {"type": "string", "enum": NAMES[:2]},
-                                             "minItems": 2, "maxItems": 2}
+    assert rar.ranking_schema(2) == {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2}
     with pytest.raises(ConfigError, match="rar.list_style"):
         rar.parse_rar({"list_style": "yaml"})
     with pytest.raises(ConfigError, match="rar.kk is not a field; did you mean rar.k"):
@@ -71,20 +70,19 @@ def test_ranking_prompt_and_schema():
 
 def test_rank_parses_answers_and_counts_every_fallback():
     candidates = np.asarray([[0, 1, 2], [0, 1, 2], [3, 4, -1], [0, 1, 2]])
-    # Rows with 3 candidates (0, 1, 3) are asked in one call, then row 2 with its 2.
+    # Row 2 with its 2 candidates is asked first, then the rows with 3 (0, 1, 3) in one call.
     mllm = ScriptedMLLM([
+        "[mub, Cessna 172, Skyhawk]",                     # a name holding a comma, two candidates
         "['Bewick's wren', 'zorvid', 'kalpo']",        # all named
         "Sure: [kalpo, kalpo, dax]",                      # duplicate, unknown name, completed
         "I'm sorry, I can't help with that.",             # unparseable: the retrieval order
-        "[mub, Cessna 172, Skyhawk]",                     # a name holding a comma, two candidates
     ])
     ranked, events = rar.rank(mllm, [np.zeros((4, 4, 3), np.uint8)] * 4, candidates, NAMES, rar.RarConfig(k=3))
     assert ranked.tolist() == [[2, 0, 1], [1, 0, 2], [4, 3, -1], [0, 1, 2]]
     assert events["answers"] == 4 and events["answers_with_fallback"] == 2
     assert events["duplicate"] == 1 and events["unknown_name"] == 1 and events["unparseable"] == 1
-    assert rar.fallback_rate(events) == 0.5
     # one call per candidate count, each with the k-name array schema
-    assert [(count, schema["minItems"]) for count, _, _, schema in mllm.calls] == [(3, 3), (1, 2)]
+    assert [(count, schema["minItems"]) for count, _, _, schema in mllm.calls] == [(1, 2), (3, 3)]
 
 
 def test_rank_by_score_sorts_by_likelihood_with_padding_last():

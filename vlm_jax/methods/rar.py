@@ -56,7 +56,8 @@ PAPER_PROMPT = ("Please play the role of a classification expert, and sort the p
 class RarConfig:
     """`config.rar`. shots: memory images per class (0: zero-shot, class-name texts); k: candidates;
     shot_seed: None takes the run's seed (which N shots of each class); prompt: the ranking prompt
-    ({k}, {names} as a Python list); score_prompt: the prompt `score` conditions each name on;
+    ({k}; {names}: the list); list_style: "python" (the paper's code: ['a', 'b']) or "plain" ([a, b],
+    fewer tokens), also the fine-tune targets' form; score_prompt: the prompt each name is scored on;
     max_tokens: of a ranking answer; normalize_scores: length-normalized scoring; index: the memory
     search; neighbours, window: of the ranking fine-tune data; crop_scale: (min, max) box scale of
     region crops; blur_sigma: outside the box."""
@@ -135,10 +136,10 @@ def ranking_prompt(config: RarConfig, names: Sequence[str]) -> str:
     return config.prompt.format(k=len(names), names=render_list(names, config.list_style))
 
 
-def ranking_schema(names: Sequence[str]) -> dict[str, Any]:
-    """The answer's JSON schema: k distinct names of the candidates (servers that force a schema)."""
-    return {"type": "array", "items": {"type": "string", "enum": list(names)}, "minItems": len(names),
-            "maxItems": len(names)}
+def ranking_schema(count: int) -> dict[str, Any]:
+    """The answer's JSON schema for servers that force one: a list of `count` names (which names is
+    the parser's to check: one call serves rows with different candidates)."""
+    return {"type": "array", "items": {"type": "string"}, "minItems": count, "maxItems": count}
 
 
 def rank(mllm, images: Sequence[np.ndarray], candidates: np.ndarray, class_names: Sequence[str],
@@ -158,15 +159,12 @@ def rank(mllm, images: Sequence[np.ndarray], candidates: np.ndarray, class_names
 
 
 def _generate(mllm, images, prompts, names, max_tokens):
-    """One `generate` call per schema: rows with the same candidate count share one."""
+    """One `generate` call per candidate count (its schema)."""
     texts = [""] * len(prompts)
-    by_count: dict[int, list[int]] = {}
-    for row, row_names in enumerate(names):
-        by_count.setdefault(len(row_names), []).append(row)
-    for rows in by_count.values():
-        schema = ranking_schema(names[rows[0]])
-        schema["items"].pop("enum")  # per-row names differ; the enum cannot be shared across a batch
-        outputs = mllm.generate([images[r] for r in rows], [prompts[r] for r in rows], max_tokens, schema=schema)
+    for count in sorted({len(row) for row in names}):
+        rows = [row for row, row_names in enumerate(names) if len(row_names) == count]
+        outputs = mllm.generate([images[r] for r in rows], [prompts[r] for r in rows], max_tokens,
+                                schema=ranking_schema(count))
         for row, text in zip(rows, outputs):
             texts[row] = text
     return texts
@@ -257,7 +255,8 @@ class RarRuns:
         predictions = {"labels": self.labels, "candidates": candidates}
         if "generate" in run_config.rar_modes:
             predictions["ranked"], events = rank(self.mllm, self.images, candidates, self.class_names, config)
-            metrics.update(self.top1(predictions["ranked"][:, 0], "rar_"), fallback_rate=fallback_rate(events),
+            metrics.update(self.top1(predictions["ranked"][:, 0], "rar_"),
+                           fallback_rate=events["answers_with_fallback"] / max(events["answers"], 1),
                            **{f"fallback/{event}": float(count) for event, count in events.items()})
         if "score" in run_config.rar_modes:
             predictions["scored"] = rank_by_score(self.mllm, self.images, candidates, self.class_names, config)
@@ -274,11 +273,6 @@ def unit(rows) -> np.ndarray:
 def recall(candidates: np.ndarray, labels: np.ndarray) -> float:
     """The share of queries whose label is among their candidates (RAR's ceiling)."""
     return float(np.mean((candidates == labels[:, None]).any(axis=1)))
-
-
-def fallback_rate(events: Mapping[str, int]) -> float:
-    """The share of answers that needed any fallback (`vlm_jax.mllm.answers.EVENTS`)."""
-    return events["answers_with_fallback"] / max(events["answers"], 1)
 
 
 def ranking_data_stage(runs: RarRuns, config, directory: epath.Path) -> epath.Path:
@@ -387,7 +381,8 @@ def rar_task(config, workdir) -> dict[str, float]:
     try:
         results = runner.run_experiment(config, workdir, None, stages=stages, run_config=run_config,
                                         baseline_metrics=lambda context: state["runs"].baseline(),
-                                        run=lambda run, run_dir: state["runs"].run(run, run_dir))
+                                        run=lambda run, run_dir: state["runs"].run(run, run_dir),
+                                        counted=("fallback/",))
         if config.regions.enabled:
             results.update(region_recognition(config, state["runs"], workdir))
     finally:

@@ -374,13 +374,15 @@ def run_experiment(config, workdir: epath.PathLike, method, *, stages: Callable[
                    run_config: Callable[[ml_collections.ConfigDict, Mapping[str, Any]], ml_collections.ConfigDict],
                    baseline_metrics: Callable[[Mapping[str, Any]], Mapping[str, float]],
                    run: Callable[[ml_collections.ConfigDict, epath.Path], dict[str, float]] | None = None,
-                   ) -> dict[str, float]:
+                   counted: Sequence[str] = ()) -> dict[str, float]:
     """Runs the stages, the baseline once, every variant for `config.seeds` seeds; writes the table.
 
     stages(Stages) -> context (paths the stages made); run_config(variant config, context) -> the
     config of one run; baseline_metrics(context) -> the frozen views' metrics (a metric it lacks is
     "-" in the table); run(run config, run dir) -> the run's metrics (default: the shared trainer
-    with `method`; a method that trains nothing per run, RAR, evaluates here). Raises
+    with `method`; a method that trains nothing per run, RAR, evaluates here); counted: prefixes of
+    run metrics that count events (RAR's "fallback/"): summed over seeds per variant into
+    "<variant>/<metric>" and listed under the table. Raises
     Preempted when a stage or a run stops on SIGTERM (what is done stays done; a rerun resumes).
     """
     from vlm_jax.train.trainer import train  # noqa: PLC0415
@@ -417,7 +419,9 @@ def run_experiment(config, workdir: epath.PathLike, method, *, stages: Callable[
     skipped = {**skip_counts("baseline", frozen),
                **{key: value for variant, variant_runs in runs.items() if variant_runs
                   for key, value in skip_counts(variant, variant_runs[0]).items()}}
-    results = {**summarize(frozen, runs, metrics), **skipped, **timings}
+    counts = {f"{variant}/{key}": float(sum(run.get(key, 0.0) for run in variant_runs))
+              for variant, variant_runs in runs.items() for key in variant_runs[0] if key.startswith(tuple(counted))}
+    results = {**summarize(frozen, runs, metrics), **skipped, **counts, **timings}
     labels = config.get("variant_labels") or {}
     # The method itself (the variant that overrides nothing) first, its ablations under it.
     order = sorted(runs, key=lambda variant: bool(config.variants[variant].to_dict()))
@@ -426,6 +430,9 @@ def run_experiment(config, workdir: epath.PathLike, method, *, stages: Callable[
     table = format_table(results, rows, [tuple(column) for column in config.table], int(config.seeds))
     footnote = skip_footnote(skipped)
     table = f"{table}\n{footnote}" if footnote else table
+    for variant in order if counts else ():
+        listed = [f"{key.split('/', 1)[1]} {value:g}" for key, value in counts.items() if key.startswith(f"{variant}/")]
+        table += f"\n{rows[variant].strip()}, summed over seeds: " + ", ".join(listed)
     print(table, flush=True)
     (workdir / "results.txt").write_text(table + "\n" + json.dumps(timings, indent=1) + "\n")
     write_json(workdir / "results.json", results)
