@@ -96,11 +96,14 @@ def test_smoke_run_and_the_same_predictions_over_http(tmp_path, capsys):
     assert results["rar/recall"] >= results["rar/knn_top1"]
     assert (workdir / "ranking_data" / "ranking.jsonl").exists()
 
-    http_results, http_workdir = _smoke(tmp_path, "http", serve=True, mllm={
-        **experiment_config("shapes,smoke=True").mllm.to_dict(), "image_format": "png", "max_side": 1024})
+    # shapes_http's settings: the model served on loopback, png images, ranking by generation.
+    http_results, http_workdir = _smoke(tmp_path, "http", serve=True, rar_modes=("generate",), mllm={
+        **experiment_config("shapes,smoke=True").mllm.to_dict(), "image_format": "png", "max_side": 1024,
+        "concurrency": 64})
     for variant in ("rar", "shots_01", "shots_04_k10", "zero_shot"):
         embedded = np.load(workdir / "runs" / variant / "seed_0" / "predictions.npz")
         served = np.load(http_workdir / "runs" / variant / "seed_0" / "predictions.npz")
-        for name in embedded.files:
+        assert set(served.files) == {"labels", "candidates", "ranked"}
+        for name in served.files:
             assert np.array_equal(embedded[name], served[name]), (variant, name)
     assert http_results["regions/rar/AP"] == results["regions/rar/AP"]

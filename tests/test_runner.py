@@ -198,3 +198,23 @@ def test_evaluator_skip_counts_reach_results_json_and_the_table_footnote(tmp_pat
     assert written["wide/shapes/skipped"] == 5.0
     footnote = "* base/shapes: 5 of 9 inputs skipped (corrupt_image 5)"
     assert footnote in (tmp_path / "results.txt").read_text() and footnote in capsys.readouterr().out
+
+
+def test_a_run_function_replaces_training_and_counted_metrics_are_summed_over_seeds(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(trainer, "train", lambda *args: pytest.fail("the trainer must not run"))
+    seen = []
+
+    def evaluate(config, run_dir):
+        seen.append((pathlib.Path(run_dir).relative_to(tmp_path).as_posix(), config.seed))
+        return {"m": 0.01 * config.seed, "other": 0.2, "fallback/unparseable": float(config.seed - 9), "fallback/duplicate": 0.0}
+
+    config = experiment(table=(("m", "metric"), ("other", "other")))
+    results = runner.run_experiment(config, tmp_path, None, stages=lambda steps: {}, run_config=lambda v, c: v,
+                                    baseline_metrics=lambda context: {"m": 0.5}, run=evaluate, counted=("fallback/",))
+    assert sorted(seen) == sorted((f"runs/{variant}/seed_{i}", 10 + i) for variant in ("base", "wide", "fast")
+                                  for i in range(2))
+    assert results["base/fallback/unparseable"] == 3.0 and results["base/fallback/duplicate"] == 0.0
+    assert results["baseline/m"] == 0.5 and results["baseline/other"] != results["baseline/other"]  # nan
+    table = capsys.readouterr().out
+    assert table.splitlines()[1].split()[-1] == "-"  # the baseline has no "other"
+    assert "base, summed over seeds: fallback/unparseable 3" in table and "duplicate" not in table

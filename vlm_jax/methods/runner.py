@@ -382,7 +382,7 @@ def run_experiment(config, workdir: epath.PathLike, method, *, stages: Callable[
     "-" in the table); run(run config, run dir) -> the run's metrics (default: the shared trainer
     with `method`; a method that trains nothing per run, RAR, evaluates here); counted: prefixes of
     run metrics that count events (RAR's "fallback/"): summed over seeds per variant into
-    "<variant>/<metric>" and listed under the table. Raises
+    "<variant>/<metric>" and the non-zero ones listed under the table. Raises
     Preempted when a stage or a run stops on SIGTERM (what is done stays done; a rerun resumes).
     """
     from vlm_jax.train.trainer import train  # noqa: PLC0415
@@ -431,7 +431,8 @@ def run_experiment(config, workdir: epath.PathLike, method, *, stages: Callable[
     footnote = skip_footnote(skipped)
     table = f"{table}\n{footnote}" if footnote else table
     for variant in order if counts else ():
-        listed = [f"{key.split('/', 1)[1]} {value:g}" for key, value in counts.items() if key.startswith(f"{variant}/")]
+        listed = [f"{key.split('/', 1)[1]} {value:g}" for key, value in counts.items()
+                  if key.startswith(f"{variant}/") and value]  # zeros too are in results.json
         table += f"\n{rows[variant].strip()}, summed over seeds: " + ", ".join(listed)
     print(table, flush=True)
     (workdir / "results.txt").write_text(table + "\n" + json.dumps(timings, indent=1) + "\n")

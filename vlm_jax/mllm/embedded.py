@@ -126,6 +126,7 @@ class EmbeddedMLLM:
         self.coder = PromptCoder(tokenizer, model.config.context_length)
         self.preprocess = preprocess
         self.batch_size, self.beam_size = int(batch_size), int(beam_size)
+        self._warned_cut = False
 
     @classmethod
     def load(cls, directory: epath.PathLike, **options: Any) -> "EmbeddedMLLM":
@@ -168,9 +169,10 @@ class EmbeddedMLLM:
             raise UserError(f"a prompt is longer than the embedded MLLM's context: {error}") from None
         lengths = np.asarray([row[2] for row in rows], np.int32)
         fits = min(max_tokens, limit - int(lengths.max(initial=0)))
-        if fits < max_tokens:
+        if fits < max_tokens and not self._warned_cut:
+            self._warned_cut = True
             logging.warning("A prompt of %d tokens leaves %d of max_tokens=%d in the captioner's context_length %d; "
-                            "longer answers are cut.", lengths.max(), fits, max_tokens, limit)
+                            "longer answers are cut (said once).", lengths.max(), fits, max_tokens, limit)
         width = _bucket(int(lengths.max(initial=1)), limit)
         return np.stack([row[0][:width] for row in rows]), lengths, max(fits, 1)
 
