@@ -13,9 +13,9 @@
 What runs (`vlm_jax.methods.rar.rar_task` on the shared runner, each stage resumable): the frozen CLIP
 (clip_dir, or the Shapes World CLIP of experiments/clip.py from the shared cache); the few-shot
 split embedded with its labels into <workdir>/memory and the eval split into <workdir>/eval_memory;
-the MLLM: the embedded captioner of experiments/captioner.py (trained once into the shared cache),
-fine-tuned on RAR's ranking data made from the memory (<workdir>/ranking_data/ranking.jsonl,
-LLaVA-format conversations), or any OpenAI-compatible server (`mllm.backend=openai`); then every
+the MLLM: the embedded captioner of experiments/captioner.py, fine-tuned on RAR's ranking data
+made from the memory (<workdir>/ranking_data/ranking.jsonl, LLaVA-format conversations), both
+trained once into the shared cache, or any OpenAI-compatible server (`mllm.backend=openai`); then every
 setting x seed: CLIP+kNN, recall@k (RAR's ceiling), RAR ranking (parsed answers, fallbacks counted)
 and RAR scoring (the MLLM's likelihood of each name), in one table; then region recognition with
 given boxes (CLIP vs RAR AP).
@@ -95,7 +95,9 @@ def _shapes(config, smoke: bool, http: bool) -> None:
     config.ranking_data = True
     # shapes_world/test holds one memory image per entity, so no neighbour shares its class: smoke
     # writes the (empty) ranking data and skips the fine-tune.
-    config.finetune.update(total_steps=0 if smoke else 400, global_batch_size=64, log_every=100)
+    # Long enough to copy candidate names into the answer (400 steps left 23% of answer tokens wrong).
+    config.finetune.update(total_steps=0 if smoke else 1000, global_batch_size=64, log_every=100)
+    config.finetune.optim = {"learning_rate": 1e-3}
     for key, value in {**data, "split": "eval_retrieval"}.items():
         setattr(config.regions.data, key, value)
     config.regions.limit = 16 if smoke else 256  # images

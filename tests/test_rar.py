@@ -10,6 +10,7 @@ import pytest
 
 from vlm_jax.config_lib import ConfigError
 from vlm_jax.memory.index import IndexConfig
+from vlm_jax.memory.neighbours import first_distinct, rows_per_label
 from vlm_jax.methods import rar
 from vlm_jax.mllm.training import read_conversations, write_conversations
 
@@ -33,16 +34,16 @@ class ScriptedMLLM:
 
 def test_few_shot_rows_take_n_per_class_seeded():
     labels = np.repeat(np.arange(4), 5)
-    rows = rar.few_shot_rows(labels, 2, seed=0)
+    rows = rows_per_label(labels, 2, seed=0)
     assert np.bincount(labels[rows]).tolist() == [2, 2, 2, 2]
-    assert np.array_equal(rows, rar.few_shot_rows(labels, 2, seed=0))
-    assert not np.array_equal(rows, rar.few_shot_rows(labels, 2, seed=1))
-    assert len(rar.few_shot_rows(labels, 9, seed=0)) == 20  # fewer than N: every row of the class
+    assert np.array_equal(rows, rows_per_label(labels, 2, seed=0))
+    assert not np.array_equal(rows, rows_per_label(labels, 2, seed=1))
+    assert len(rows_per_label(labels, 9, seed=0)) == 20  # fewer than N: every row of the class
 
 
 def test_distinct_labels_keep_rank_order_and_pad():
     neighbours = np.asarray([[3, 3, 1, 3, 2, 0], [5, -1, 5, -1, -1, -1]])
-    assert rar.distinct_labels(neighbours, 3).tolist() == [[3, 1, 2], [5, -1, -1]]
+    assert first_distinct(neighbours, 3).tolist() == [[3, 1, 2], [5, -1, -1]]
 
 
 def test_retrieve_returns_distinct_labels_of_nearest_rows():

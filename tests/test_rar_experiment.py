@@ -94,7 +94,8 @@ def test_smoke_run_and_the_same_predictions_over_http(tmp_path, capsys):
     # Every ranking is a permutation of its candidates.
     assert (np.sort(predictions["ranked"], 1) == np.sort(predictions["candidates"], 1)).all()
     assert results["rar/recall"] >= results["rar/knn_top1"]
-    assert (workdir / "ranking_data" / "ranking.jsonl").exists()
+    assert (workdir / "ranking_data" / "ranking.jsonl").exists()  # a link to its cached directory
+    assert (workdir / "ranking_data").resolve().parent == (tmp_path / "cache").resolve()
 
     # shapes_http's settings: the model served on loopback, png images, ranking by generation.
     http_results, http_workdir = _smoke(tmp_path, "http", serve=True, rar_modes=("generate",), mllm={

@@ -180,3 +180,22 @@ def self_match_rows(examples: Memory, memory: Memory) -> np.ndarray:
             return np.full((examples.num_rows,), -1, np.int32)
         return memory_rows_of(examples.indices, memory.indices)
     return memory_rows_of(examples.ids, memory.ids)
+
+
+def rows_per_label(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Sorted memory rows of `count` examples per label, drawn with `seed` (every row of a label
+    with fewer): a few-shot memory (RAR's N shots per class)."""
+    rng = np.random.default_rng(seed)
+    rows = [rng.permutation(np.flatnonzero(labels == label))[:count] for label in np.unique(labels)]
+    return np.sort(np.concatenate(rows))
+
+
+def first_distinct(values: np.ndarray, k: int) -> np.ndarray:
+    """int [Q, n] values of neighbours in rank order (-1: none) -> int [Q, k]: the first k distinct
+    ones in rank order (-1 where fewer remain), e.g. the class labels of a query's neighbours."""
+    out = np.full((len(values), k), -1, np.int64)
+    for row, row_values in enumerate(values):
+        kept = list(dict.fromkeys(int(value) for value in row_values if value >= 0))[:k]
+        out[row, : len(kept)] = kept
+    return out
+

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,12 +40,14 @@ from vlm_jax.evaluate.views import pixel_view
 from vlm_jax.evaluate.zero_shot import classification_metrics, zero_shot_classifier
 from vlm_jax.memory.build import memory_config
 from vlm_jax.memory.index import IndexConfig, build_index
+from vlm_jax.memory.neighbours import first_distinct, rows_per_label
 from vlm_jax.memory.store import load_memory, unit_rows
 from vlm_jax.methods import runner
 from vlm_jax.mllm import answers, make_backend
 from vlm_jax.mllm.config import mllm_config, parse_mllm
 from vlm_jax.mllm.serve import over_http
 from vlm_jax.mllm.training import CaptionerMethod, caption_source_config, write_conversations
+from vlm_jax.train.cache import cached_run
 from vlm_jax.weights import load_pretrained
 
 PAPER_PROMPT = ("Please play the role of a classification expert, and sort the provided {k} categories from high to "
@@ -95,23 +98,6 @@ def parse_rar(section: Any) -> RarConfig:
 # -- 1. retrieve ------------------------------------------------------------------------------------
 
 
-def few_shot_rows(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
-    """Memory rows of `shots` examples per class (seeded; every row of a class with fewer)."""
-    rng = np.random.default_rng(seed)
-    rows = [rng.permutation(np.flatnonzero(labels == label))[:shots] for label in np.unique(labels)]
-    return np.sort(np.concatenate(rows))
-
-
-def distinct_labels(neighbour_labels: np.ndarray, k: int) -> np.ndarray:
-    """int [Q, n] labels of neighbours in rank order (-1: none) -> int [Q, k]: the first k distinct
-    ones in rank order (-1 where fewer remain)."""
-    out = np.full((len(neighbour_labels), k), -1, np.int64)
-    for row, labels in enumerate(neighbour_labels):
-        kept = list(dict.fromkeys(int(label) for label in labels if label >= 0))[:k]
-        out[row, : len(kept)] = kept
-    return out
-
-
 def retrieve(keys: np.ndarray, values: np.ndarray, queries: np.ndarray, k: int, index: IndexConfig,
              exclude_ids: np.ndarray | None = None, search_k: int | None = None) -> np.ndarray:
     """Candidates int [Q, k]: the distinct `values` (labels) of the nearest `keys` to unit `queries`,
@@ -120,7 +106,7 @@ def retrieve(keys: np.ndarray, values: np.ndarray, queries: np.ndarray, k: int, 
     search_k = min(len(keys), search_k or k * per_label)
     _, ids = build_index(index, keys).search(queries, search_k, exclude_ids=exclude_ids)
     ids = np.asarray(ids)
-    return distinct_labels(np.where(ids >= 0, values[np.maximum(ids, 0)], -1), k)
+    return first_distinct(np.where(ids >= 0, values[np.maximum(ids, 0)], -1), k)
 
 
 # -- 2. rank ----------------------------------------------------------------------------------------
@@ -245,7 +231,7 @@ class RarRuns:
         config = parse_rar(run_config.rar)
         if config.shots:
             labels = np.asarray(self.memory.labels)
-            rows = few_shot_rows(labels, config.shots, run_config.seed if config.shot_seed is None else config.shot_seed)
+            rows = rows_per_label(labels, config.shots, run_config.seed if config.shot_seed is None else config.shot_seed)
             keys, values = unit(self.memory.image_embeddings[rows]), labels[rows]
         else:
             keys, values = self.class_embeddings(), np.arange(len(self.class_names))
@@ -275,31 +261,41 @@ def recall(candidates: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean((candidates == labels[:, None]).any(axis=1)))
 
 
-def ranking_data_stage(runs: RarRuns, config, directory: epath.Path) -> epath.Path:
+def ranking_data_stage(runs: RarRuns, config, context: Mapping[str, Any]) -> epath.Path:
     """The ranking fine-tune data of the memory's images: their neighbours among the other memory
-    images (never themselves), as LLaVA-format conversations (`ranking_conversations`; once)."""
-    if not (directory / "ranking.jsonl").exists():
-        rar = parse_rar(config.rar)
+    images (never themselves), as LLaVA-format conversations (`ranking_conversations`) in
+    <dir>/ranking.jsonl, built once per (base CLIP, memory, class names, data settings) in the shared
+    cache, so the fine-tune on it is cached too."""
+    rar = parse_rar(config.rar)
+    key = ml_collections.ConfigDict({"ranking_data": {
+        "clip_dir": context["clip_dir"], "memory": config.memory.to_dict(), "classes": list(runs.class_names),
+        "rar": {name: getattr(rar, name) for name in ("prompt", "list_style", "neighbours", "window")},
+        "index": dataclasses.asdict(rar.index)}})
+
+    def build(directory):
         keys, labels = unit(runs.memory.image_embeddings), np.asarray(runs.memory.labels)
         neighbours = retrieve(keys, labels, keys, rar.neighbours, rar.index, exclude_ids=np.arange(len(keys))[:, None])
         examples = ranking_conversations(read_images(config.memory.data, runs.memory.indices), neighbours, labels,
                                          runs.class_names, rar)
-        count = write_conversations(directory / "ranking.jsonl", examples)
-        logging.info("Ranking fine-tune data: %d conversations in %s.", count, directory / "ranking.jsonl")
-    return directory
+        count = write_conversations(epath.Path(directory) / "ranking.jsonl", examples)
+        logging.info("Ranking fine-tune data: %d conversations in %s.", count, directory)
+
+    return epath.Path(cached_run(key, build, root=config.cache_dir or None,
+                                 finished=lambda directory: (directory / "ranking.jsonl").exists()))
 
 
-def finetuned_mllm(config, base_dir: str, workdir: epath.Path) -> str:
-    """The embedded MLLM of `base_dir` fine-tuned on <workdir>/ranking_data (`config.finetune`
-    overrides the captioner's trainer fields), in <workdir>/finetune, resumable, done once."""
-    _, tune = runner.captioner_config(config)
+def finetuned_mllm(config, base_dir: str, data: epath.Path) -> str:
+    """The embedded MLLM of `base_dir` fine-tuned on the ranking data in `data` (`config.finetune`
+    overrides the captioner's trainer fields), once per resolved config in the shared cache."""
+    module, tune = runner.captioner_config(config)
     ranking = caption_source_config()
-    ranking.update(source="conversations", path=str(workdir / "ranking_data" / "ranking.jsonl"))
+    ranking.update(source="conversations", path=str(data / "ranking.jsonl"))
     tune = merged(tune, config.finetune.to_dict(), "finetune")
     tune.captions = ml_collections.ConfigDict({"ranking": ranking})
     tune.caption_eval.split, tune.init_from, tune.init_vision = "", base_dir, False
     tune.optim.warmup_steps = max(1, int(tune.total_steps) // 10)
-    return runner.train_export(tune, workdir / "finetune", CaptionerMethod(), "the ranking fine-tune")
+    return runner.cached_model_dir(tune, CaptionerMethod(), module=module, cache_dir=config.get("cache_dir"),
+                                   what="the ranking fine-tune of the embedded MLLM")
 
 
 # -- 3. regions -------------------------------------------------------------------------------------
@@ -366,12 +362,16 @@ def rar_task(config, workdir) -> dict[str, float]:
                 config[name], clip_dir, workdir / name))
         state["runs"] = RarRuns(config, context, None)
         if config.ranking_data or config.finetune.total_steps:
-            steps.run("ranking_data", lambda: ranking_data_stage(state["runs"], config, workdir / "ranking_data"))
+            context["ranking_data"] = steps.run("ranking_data", lambda: ranking_data_stage(state["runs"], config,
+                                                                                           context))
+            if not str(workdir).startswith("gs://") and not (workdir / "ranking_data").exists():
+                workdir.mkdir(parents=True, exist_ok=True)
+                os.symlink(context["ranking_data"], workdir / "ranking_data")  # the cached data, beside the run
         if config.mllm.backend == "embedded" or config.serve:
             context["model_dir"] = steps.run("mllm", lambda: runner.captioner_dir(config))
             if config.finetune.total_steps:
                 context["model_dir"] = steps.run("finetune", lambda: finetuned_mllm(
-                    config, context["model_dir"], workdir))
+                    config, context["model_dir"], context["ranking_data"]))
         state["runs"].mllm = mllm_backend(config, context.get("model_dir", ""), state["serving"])
         return context
 

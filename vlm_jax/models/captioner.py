@@ -105,10 +105,13 @@ class Captioner(nnx.Module):
 
     # -- cached decoding ----------------------------------------------------------------------------
 
-    def start_cache(self, context: jax.Array, batch: int) -> dict[str, Any]:
-        """An empty key/value cache for `batch` rows and the context's projected keys/values."""
+    def start_cache(self, context: jax.Array, batch: int, length: int | None = None) -> dict[str, Any]:
+        """An empty key/value cache of `length` positions (default context_length) for `batch` rows, and
+        the context's projected keys/values. Decoding touches the whole cache every step: size it to
+        the prompt plus the answer."""
         config = self.config
-        shape = (batch, config.context_length, config.heads, config.width // config.heads)
+        length = min(config.context_length, length or config.context_length)
+        shape = (batch, length, config.heads, config.width // config.heads)
         return {"self": [(jnp.zeros(shape, jnp.dtype(config.dtype)),) * 2 for _ in self.layers],
                 "context": [layer.cross_attn.project_kv(context) for layer in self.layers]}
 
@@ -180,10 +183,10 @@ def score_candidates(model: Captioner, context: jax.Array, ids: jax.Array, mask:
     return jax.lax.map(one, (ids, mask)).T
 
 
-def _prefill(model: Captioner, context: jax.Array, prefix: jax.Array, lengths: jax.Array):
-    """Runs the prefixes [B, P] (right-padded, true lengths [B]) through the cache; returns (the
-    log-probabilities of the first answer token [B, vocab], the cache)."""
-    cache = model.start_cache(context, prefix.shape[0])
+def _prefill(model: Captioner, context: jax.Array, prefix: jax.Array, lengths: jax.Array, max_tokens: int):
+    """Runs the prefixes [B, P] (right-padded, true lengths [B]) through a cache with room for
+    `max_tokens` more; returns (the log-probabilities of the first answer token [B, vocab], the cache)."""
+    cache = model.start_cache(context, prefix.shape[0], prefix.shape[1] + max_tokens)
     logits, cache = model.cached_logits(cache, prefix, jnp.zeros(prefix.shape[0], jnp.int32))
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return jax.nn.log_softmax(last, axis=-1), cache
@@ -194,7 +197,7 @@ def greedy_decode(model: Captioner, context: jax.Array, prefix: jax.Array, lengt
     """Greedy answers: (tokens int32 [B, max_tokens] (eos then pad_id after the end), their
     log-probabilities [B, max_tokens], and the top `top_logprobs` (ids, log-probs) [B, T, K])."""
     config = model.config
-    log_probs, cache = _prefill(model, context, prefix, lengths)
+    log_probs, cache = _prefill(model, context, prefix, lengths, max_tokens)
     top = max(top_logprobs, 1)
 
     def step(carry, _):
@@ -219,7 +222,7 @@ def beam_decode(model: Captioner, context: jax.Array, prefix: jax.Array, lengths
     keeps its score) -> tokens int32 [B, max_tokens]."""
     config = model.config
     batch, beams = prefix.shape[0], beam_size
-    log_probs, cache = _prefill(model, context, prefix, lengths)
+    log_probs, cache = _prefill(model, context, prefix, lengths, max_tokens)
     tile = lambda x: jnp.repeat(x, beams, axis=0)  # noqa: E731 - [B, ...] -> [B * K, ...]
     cache = jax.tree.map(tile, cache)
     log_probs, position = tile(log_probs), tile(lengths)
