@@ -108,3 +108,15 @@ def test_smoke_run_and_the_same_predictions_over_http(tmp_path, capsys):
         for name in served.files:
             assert np.array_equal(embedded[name], served[name]), (variant, name)
     assert http_results["regions/rar/AP"] == results["regions/rar/AP"]
+
+
+def test_an_unprepared_dataset_and_a_missing_endpoint_are_one_line_errors_before_any_work(tmp_path):
+    config = experiment_config("fewshot")
+    config.data_dir = str(tmp_path / "empty_tfds")
+    with pytest.raises(ConfigError, match=r"memory.data: cannot open 'caltech101' split 'train' .*prepare the dataset"):
+        rar.rar_task(config, tmp_path / "work")
+    config = experiment_config("shapes,smoke=True")
+    config.mllm.backend = "openai"
+    with pytest.raises(ConfigError, match=r"needs --config.mllm.base_url"):
+        rar.rar_task(config, tmp_path / "work")
+    assert not (tmp_path / "work").exists()

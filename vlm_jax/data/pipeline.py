@@ -412,6 +412,23 @@ def make_source(config: Mapping[str, Any] | ml_collections.ConfigDict, *, split:
     )
 
 
+def check_source(config, where: str) -> None:
+    """Opens the source of a data section once, so a TFDS dataset that is not prepared (or a split it
+    lacks) is a one-line ConfigError naming the section before any work. Embedded builders (Shapes
+    World) are built on first use and not opened here."""
+    from vlm_jax.config_lib import ConfigError  # noqa: PLC0415
+
+    name = _field(config, "tfds_name") or _field(config, "dataset") or ""
+    if _field(config, "source") != "tfds" or name.startswith("shapes_world"):
+        return
+    try:
+        make_source(config)
+    except Exception as error:  # noqa: BLE001 - TFDS raises KeyError, ValueError, AssertionError, ...
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"{where}: cannot open {name!r} split {_field(config, 'split')!r} ({detail}); prepare the "
+                          f"dataset in --config.data_dir or fix --config.{where}.") from None
+
+
 def read_images(config: Mapping[str, Any] | ml_collections.ConfigDict, indices: Sequence[int]) -> list[np.ndarray]:
     """The decoded uint8 images [H, W, 3] of a data config's records at `indices` (source positions,
     e.g. a memory's `indices`), for consumers that need pixels as stored (an MLLM, region crops)."""

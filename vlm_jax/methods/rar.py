@@ -30,8 +30,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from vlm_jax.config_lib import MapOf, check_fields, defaults_of, load_config_file, merged, require_data_files, typed
-from vlm_jax.data.pipeline import read_images
+from vlm_jax.config_lib import ConfigError, MapOf, check_fields, defaults_of, load_config_file, merged, require_data_files, typed
+from vlm_jax.data.pipeline import check_source, read_images
 from vlm_jax.data.preprocess import preprocess_images
 from vlm_jax.data.regions import crop_annotations
 from vlm_jax.evaluate import detection, suite
@@ -352,6 +352,9 @@ def rar_task(config, workdir) -> dict[str, float]:
     parse_mllm(config.mllm)
     for name in ("memory", "eval_memory"):
         require_data_files(config[name].data, f"{name}.data")
+        check_source(config[name].data, f"{name}.data")
+    if config.mllm.backend == "openai" and not config.mllm.base_url:
+        raise ConfigError("mllm.backend='openai' needs --config.mllm.base_url=http://HOST:PORT/v1 (and mllm.model).")
     state: dict[str, Any] = {"serving": contextlib.ExitStack()}
 
     def stages(steps):
