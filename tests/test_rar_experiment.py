@@ -115,6 +115,10 @@ def test_an_unprepared_dataset_and_a_missing_endpoint_are_one_line_errors_before
     config.data_dir = str(tmp_path / "empty_tfds")
     with pytest.raises(ConfigError, match=r"memory.data: cannot open 'caltech101' split 'train' .*prepare the dataset"):
         rar.rar_task(config, tmp_path / "work")
+    config = experiment_config("lvis")
+    config.data_dir = str(tmp_path / "empty_tfds")
+    with pytest.raises(ConfigError, match=r"regions.annotations is not set"):
+        rar.rar_task(config, tmp_path / "work")
     config = experiment_config("shapes,smoke=True")
     config.mllm.backend = "openai"
     with pytest.raises(ConfigError, match=r"needs --config.mllm.base_url"):

@@ -274,6 +274,19 @@ def boxes_config() -> Any:
     return ml_collections.ConfigDict({"annotations": "", "image_dir": "", "limit": 0, "data": default_config()})
 
 
+def check_boxes(section: Any, where: str) -> None:
+    """One-line ConfigErrors for a `boxes_config` section, before any work: the annotation file and
+    image folder exist, or, without a file, the data section names a split to read regions from."""
+    from vlm_jax.config_lib import require_path  # noqa: PLC0415
+
+    if section.annotations:
+        require_path(section.annotations, f"{where}.annotations", field=f"{where}.annotations")
+        require_path(section.image_dir, f"{where}.image_dir", field=f"{where}.image_dir")
+    elif not section.data.get("tfds_name"):
+        raise ConfigError(f"{where}.annotations is not set; pass --config.{where}.annotations=<LVIS-format json> and "
+                          f"--config.{where}.image_dir=DIR (or {where}.data naming a Shapes World split).")
+
+
 def load_boxes(annotations: str, image_dir: str, data: Any, limit: int = 0) -> tuple[dict, dict[int, np.ndarray]]:
     """Given boxes and their images: an LVIS-format file (`annotations`, images under `image_dir` by
     file_name, else coco_url's last part) or, with annotations "", the Shapes World regions of the split `data` names (a

@@ -58,12 +58,11 @@ PAPER_PROMPT = ("Please play the role of a classification expert, and sort the p
 @dataclasses.dataclass(frozen=True)
 class RarConfig:
     """`config.rar`. shots: memory images per class (0: zero-shot, class-name texts); k: candidates;
-    shot_seed: None takes the run's seed (which N shots of each class); prompt: the ranking prompt
-    ({k}; {names}: the list); list_style: "python" (the paper's code: ['a', 'b']) or "plain" ([a, b],
-    fewer tokens), also the fine-tune targets' form; score_prompt: the prompt each name is scored on;
-    max_tokens: of a ranking answer; normalize_scores: length-normalized scoring; index: the memory
-    search; neighbours, window: of the ranking fine-tune data; crop_scale: (min, max) box scale of
-    region crops; blur_sigma: outside the box."""
+    shot_seed: None takes the run's seed; prompt: the ranking prompt ({k}; {names}: the list);
+    list_style: "python" (the paper's code: ['a', 'b']) or "plain" ([a, b]), also the fine-tune
+    targets' form; score_prompt: each name is scored as its answer; max_tokens: of a ranking answer;
+    normalize_scores: length-normalized; index: the memory search; neighbours, window: of the fine-tune
+    data; crop_scale: (min, max) box scale of region crops; blur_sigma: outside the box."""
 
     shots: int = 4
     k: int = 5
@@ -350,6 +349,8 @@ def rar_task(config, workdir) -> dict[str, float]:
         merged(load_config_file(config.mllm_config), config.finetune.to_dict(), "finetune")
     parse_rar(config.rar)
     parse_mllm(config.mllm)
+    if config.regions.enabled:
+        detection.check_boxes(config.regions, "regions")
     for name in ("memory", "eval_memory"):
         require_data_files(config[name].data, f"{name}.data")
         check_source(config[name].data, f"{name}.data")
