@@ -122,8 +122,7 @@ def ranking_prompt(config: RarConfig, names: Sequence[str]) -> str:
 
 
 def ranking_schema(count: int) -> dict[str, Any]:
-    """The answer's JSON schema for servers that force one: a list of `count` names (which names is
-    the parser's to check: one call serves rows with different candidates)."""
+    """The answer's JSON schema: `count` names (checked by the parser: rows' candidates differ)."""
     return {"type": "array", "items": {"type": "string"}, "minItems": count, "maxItems": count}
 
 
