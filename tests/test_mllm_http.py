@@ -420,3 +420,29 @@ def test_unreachable_server_stops_the_other_requests_retrying():
         client.generate(images(8), ["q"] * 8)
     assert client.counts["failed/connection"] == 8
     assert client.counts["requests"] <= 6  # the two first requests' 3 attempts each; the rest are not sent
+
+
+def test_rar_ranks_through_the_client_and_counts_what_real_servers_answer(serve):
+    """Names outside the list, duplicates, short lists, refusals and failed requests all reach RAR's
+    parser through the HTTP client; none is reused or dropped silently."""
+    import vlm_jax.methods.rar as rar  # noqa: PLC0415 - the method on top of the client
+
+    by_first_name = {"zorvid": Reply(body=completion('```json\n["kalpo", "zorvid", "mub"]\n```')),
+                     "kalpo": Reply(body=completion("[dax, kalpo, kalpo]")),               # unknown + duplicate
+                     "mub": Reply(body=completion("['zorvid']")),                          # short
+                     "dax": Reply(body=completion(None, refusal="I can't help with that.")),
+                     "wug": Reply(status=500, body={"error": {"message": "down"}})}        # retried, then ""
+
+    def respond(index, body):
+        return by_first_name[text_of(body).split("[")[1].split(",")[0].strip("'")]
+
+    server = serve(respond)
+    client = client_for(server.base_url, max_retries=1)
+    names = ["zorvid", "kalpo", "mub", "dax", "wug"]
+    candidates = np.asarray([[0, 1, 2], [1, 0, 2], [2, 0, 1], [3, 0, 1], [4, 0, 1]])
+    ranked, events = rar.rank(client, images(5), candidates, names, rar.RarConfig(k=3))
+    assert ranked.tolist() == [[1, 0, 2], [1, 0, 2], [0, 2, 1], [3, 0, 1], [4, 0, 1]]
+    assert (events["unknown_name"], events["duplicate"], events["completed"]) == (1, 1, 2)
+    assert events["empty"] == 2 and events["answers"] == 5 and events["answers_with_fallback"] == 4
+    assert client.counts["refusal"] == 1 and client.counts["retries"] == 1
+    assert all(body.body["response_format"]["json_schema"]["schema"]["minItems"] == 3 for body in server.seen)
