@@ -363,8 +363,9 @@ def test_api_key_is_sent_only_in_the_authorization_header(serve, tmp_path, monke
                "deny": Reply(401, {"error": {"message": f"Incorrect API key provided: {secret}"}}),
                "garbage": Reply(body=f"not json {secret}".encode())}
     server = serve(lambda index, body: replies.get(text_of(body)) or echo(index, body))
-    verbosity = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.DEBUG)
+    absl_logger = absl_logging.get_absl_logger()
+    level = absl_logger.level  # restored as it was: set_verbosity would pin it (NOTSET defers to caplog)
+    absl_logger.setLevel(logging.DEBUG)
     caplog.set_level(logging.DEBUG)
     errors = []
     try:
@@ -375,7 +376,7 @@ def test_api_key_is_sent_only_in_the_authorization_header(serve, tmp_path, monke
             client_for(closed_port_url(), api_key_env="VLM_JAX_TEST_KEY").generate(images(1), ["ok"])
         errors.append(str(raised.value))
     finally:
-        absl_logging.set_verbosity(verbosity)
+        absl_logger.setLevel(level)
     assert texts == ["answer to ok", "", "", ""]
     assert {seen.authorization for seen in server.seen} == {f"Bearer {secret}"}
     assert not any(secret in json.dumps(seen.body) for seen in server.seen)
