@@ -412,6 +412,16 @@ def make_source(config: Mapping[str, Any] | ml_collections.ConfigDict, *, split:
     )
 
 
+def prepare_embedded(config) -> None:
+    """Builds an embedded TFDS dataset (Shapes World) a data section names, on first use."""
+    name = _field(config, "tfds_name") or ""
+    if _field(config, "source") == "tfds" and name.startswith("shapes_world"):
+        from vlm_jax.data import shapes_world  # noqa: PLC0415
+
+        shapes_world.prepare(_field(config, "data_dir"), name.split("/", 1)[1].split(":")[0] if "/" in name
+                             else "default")
+
+
 def check_source(config, where: str) -> None:
     """Opens the source of a data section once, so a TFDS dataset that is not prepared (or a split it
     lacks) is a one-line ConfigError naming the section before any work. Embedded builders (Shapes

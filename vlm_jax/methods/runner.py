@@ -36,6 +36,7 @@ from etils import epath
 
 from vlm_jax.config_lib import (ConfigError, MapOf, check_fields, experiment_module, load_config_file, merged,
                                 require_data_files, require_eval_files, require_path)
+from vlm_jax.data.pipeline import prepare_embedded
 from vlm_jax.errors import Preempted
 from vlm_jax.evaluate.common import skip_footnote
 
@@ -182,20 +183,11 @@ def captioner_dir(config) -> str:
                             what="the embedded MLLM")
 
 
-def prepare_tfds(data) -> None:
-    """Builds an embedded TFDS dataset (Shapes World) on first use."""
-    name = data.get("tfds_name") or ""
-    if data.get("source", "tfds") == "tfds" and name.startswith("shapes_world"):
-        from vlm_jax.data import shapes_world  # noqa: PLC0415
-
-        shapes_world.prepare(data.get("data_dir"), name.split("/", 1)[1].split(":")[0] if "/" in name else "default")
-
-
 def build_memory_stage(build_config, model_dir: str, directory: epath.PathLike) -> str:
     """Embeds the corpus of a `memory_config()` section with the frozen model (resumable)."""
     from vlm_jax.memory.build import build_memory  # noqa: PLC0415
 
-    prepare_tfds(build_config.data)
+    prepare_embedded(build_config.data)
     build_memory(build_config, model_dir, None, None, directory)
     return str(directory)
 
@@ -224,7 +216,7 @@ def store_evals(evals, model_dir: str, root: epath.Path, embed: Mapping[str, Any
     specs = ml_collections.ConfigDict()
     for name, spec in evals.items():
         spec = suite.eval_spec(**spec.to_dict())
-        prepare_tfds(spec.data)
+        prepare_embedded(spec.data)
         class_names, templates = suite.class_names_and_templates(spec) if spec.type == "zero_shot" else ((), ())
         stored.store_eval_embeddings(spec, pretrained, root / name, embed, class_names, templates)
         spec.stored_dir = str(root / name)

@@ -63,12 +63,10 @@ def read_tfds_examples(section, limit: int = 0) -> list[dict[str, Any]]:
     """The examples of a TFDS split (an embedded Shapes World build is made on first use)."""
     import tensorflow_datasets as tfds  # noqa: PLC0415
 
-    name = section.tfds_name
-    if name.startswith("shapes_world"):
-        from vlm_jax.data import shapes_world  # noqa: PLC0415
+    from vlm_jax.data.pipeline import prepare_embedded  # noqa: PLC0415
 
-        shapes_world.prepare(section.data_dir or None, name.split("/", 1)[1] if "/" in name else "default")
-    source = tfds.data_source(name, split=section.split, data_dir=section.data_dir or None)
+    prepare_embedded({"source": "tfds", "tfds_name": section.tfds_name, "data_dir": section.data_dir or None})
+    source = tfds.data_source(section.tfds_name, split=section.split, data_dir=section.data_dir or None)
     count = len(source) if not limit else min(int(limit), len(source))
     return [source[index] for index in range(count)]
 
