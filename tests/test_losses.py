@@ -1,5 +1,6 @@
 """Contrastive losses: dense forms against hand-written numpy, sharded forms against dense ones."""
 
+import functools
 import math
 import os
 import re
@@ -53,6 +54,31 @@ def test_softmax_loss_matches_hand_written_symmetric_infonce():
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     np.testing.assert_allclose(metrics["i2t_accuracy"], np.mean(logits.argmax(1) == np.arange(batch)))
     np.testing.assert_allclose(metrics["t2i_accuracy"], np.mean(logits.argmax(0) == np.arange(batch)))
+
+
+def test_softmax_loss_with_hard_negatives_matches_hand_written_negclip_terms():
+    images, texts = _pairs()
+    negatives = np.random.default_rng(5).normal(size=texts.shape).astype(np.float32)
+    mask = np.arange(len(texts)) % 3 != 0  # every third example has no negative
+    scale = 9.0
+    unit_images = _unit(images).astype(np.float64)
+    logits = scale * unit_images @ _unit(texts).T
+    negative_logits = scale * unit_images @ _unit(negatives)[mask].T  # masked ones are not candidates
+    image_to_text = np.concatenate([logits, negative_logits], axis=1)
+
+    def cross_entropy(rows):
+        return -np.mean([row[i] - np.log(np.sum(np.exp(row))) for i, row in enumerate(rows)])
+
+    expected = 0.5 * (cross_entropy(image_to_text) + cross_entropy(logits.T))
+    loss, metrics = clip.softmax_contrastive_loss(images, texts, math.log(scale), negatives=negatives,
+                                                  negative_mask=mask)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    np.testing.assert_allclose(metrics["i2t_accuracy"], np.mean(image_to_text.argmax(1) == np.arange(len(texts))))
+    plain, _ = clip.softmax_contrastive_loss(images, texts, math.log(scale))
+    assert float(loss) > float(plain)  # more candidates: a harder image -> text problem
+    all_masked, _ = clip.softmax_contrastive_loss(images, texts, math.log(scale), negatives=negatives,
+                                                  negative_mask=np.zeros(len(texts), bool))
+    np.testing.assert_allclose(all_masked, plain, rtol=1e-6)
 
 
 def test_sigmoid_loss_matches_hand_written_pairwise_terms():
@@ -116,6 +142,22 @@ def _sharded_equals_dense(mesh_axes, batch_axes):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=loss_fn.__name__)
         # Image gradients come back split like the images: each device holds only its rows.
         assert grads[0].sharding.is_equivalent_to(placed[0].sharding, 2)
+    # Hard negatives (NegCLIP): gathered like the texts, values and gradients equal the dense form's.
+    negatives = (texts[::-1] + 0.5).astype(np.float32)
+    mask = np.arange(len(texts)) % 3 != 0
+    placed_negatives = jax.device_put(negatives, sharding.batch_sharding(mesh, 2, batch_axes))
+    placed_mask = jax.device_put(mask, sharding.batch_sharding(mesh, 1, batch_axes))
+
+    def with_negatives(i, t, n, m, **kw):
+        return clip.softmax_contrastive_loss(i, t, jnp.log(7.0), negatives=n, negative_mask=m, **kw)
+
+    grad = functools.partial(jax.value_and_grad, argnums=(0, 1, 2), has_aux=True)
+    (dense_loss, _), dense_grads = jax.jit(grad(with_negatives))(images, texts, negatives, mask)
+    (loss, _), grads = jax.jit(grad(functools.partial(with_negatives, mesh=mesh, axis=batch_axes)))(
+        *placed, placed_negatives, placed_mask)
+    np.testing.assert_allclose(loss, dense_loss, rtol=1e-5)
+    for got, want in zip(grads, dense_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
 def _check_sharded_losses_equal_dense_over_data_and_fsdp():

@@ -16,6 +16,7 @@ import numpy as np
 import PIL.Image
 
 from vlm_jax.data import augment as augment_lib
+from vlm_jax.data import captions
 from vlm_jax.data.bad_input import BAD_INPUT_KINDS, BadInput, Fetched, check_on_bad_input, reject
 
 
@@ -97,6 +98,11 @@ class ExampleDecoder(grain.transforms.RandomMap):
     lists candidate caption fields; one is drawn per example with `text_weights` (uniform when
     None), then one caption if the field holds a list. `texts_per_example=C` instead tokenizes
     the first C captions of `text_keys[0]` (retrieval eval).
+
+    Caption transforms (`vlm_jax.data.captions`, training only): `sentence_sampling` replaces the
+    drawn caption by a random subset of its sentences (at most `max_sentences`, 0: any number);
+    `hard_negatives` (kinds, e.g. ("swap_attribute",)) adds "negative_ids" [L], the tokenized hard
+    negative of the caption, and "negative_mask" (False where the caption has none).
     """
 
     spec: Any = None
@@ -113,6 +119,9 @@ class ExampleDecoder(grain.transforms.RandomMap):
     crop_scale: tuple[float, float] = (0.9, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     with_mask: bool = False
+    sentence_sampling: bool = False
+    max_sentences: int = 0
+    hard_negatives: tuple[str, ...] = ()
     on_bad_input: str = "skip"
     bad_input_kinds = BAD_INPUT_KINDS  # the kinds it can report, counted in every batch
 
@@ -126,10 +135,13 @@ class ExampleDecoder(grain.transforms.RandomMap):
             )
         if self.text_keys and self.tokenizer is None and not self.keep_text:
             raise ValueError("text_keys are set but there is no tokenizer; pass one or set keep_text=True.")
+        captions.check_negative_kinds(self.hard_negatives)
+        if self.hard_negatives and (self.tokenizer is None or self.texts_per_example):
+            raise ValueError("hard_negatives need a tokenizer and one caption per example (texts_per_example unset).")
 
     def for_eval(self) -> ExampleDecoder:
         """This decoder as eval uses it: no augmentation, and a "mask" bool field."""
-        return dataclasses.replace(self, augment="none", with_mask=True)
+        return dataclasses.replace(self, augment="none", with_mask=True, sentence_sampling=False, hard_negatives=())
 
     def _bad(self, kind: str, fetched: Fetched, detail: str, record: Mapping[str, Any] | None = None) -> BadInput:
         example_id = record.get(self.id_key) if record is not None and self.id_key else None
@@ -199,6 +211,12 @@ class ExampleDecoder(grain.transforms.RandomMap):
         if not texts:
             return self._bad("empty_text", element, f"field {key!r} is empty", record)
         text = texts[int(rng.integers(len(texts)))] if len(texts) > 1 else texts[0]
+        if self.sentence_sampling:
+            text = captions.sample_sentences(text, rng, self.max_sentences)
+        if self.hard_negatives:
+            negative = captions.hard_negative(text, self.hard_negatives, rng)
+            example["negative_ids"] = np.asarray(self.tokenizer([negative or ""])[0], np.int32)
+            example["negative_mask"] = np.bool_(negative is not None)
         if self.keep_text:
             example["text"] = text
         if self.tokenizer is not None:

@@ -330,6 +330,9 @@ def default_config() -> ml_collections.ConfigDict:
       passthrough_keys, keep_text.
     Augmentation (train only):
       augment: "none" | "random_resized_crop"; crop_scale, crop_ratio.
+      sentence_sampling (bool), max_sentences (0: no cap): train on a random subset of a caption's
+        sentences; hard_negatives (kinds, e.g. ("swap_attribute",)): a rule-made negative caption
+        per example ("negative_ids", "negative_mask"); see `vlm_jax.data.captions`.
     Reading:
       shuffle, num_epochs (None: repeat forever), worker_count (grain worker processes; 0: in
       process), worker_buffer_size (batches per worker), read_threads, read_buffer_size.
@@ -359,6 +362,9 @@ def default_config() -> ml_collections.ConfigDict:
             "augment": "none",
             "crop_scale": (0.9, 1.0),
             "crop_ratio": (3 / 4, 4 / 3),
+            "sentence_sampling": False,
+            "max_sentences": 0,
+            "hard_negatives": (),
             "shuffle": True,
             "num_epochs": ml_collections.FieldReference(None, field_type=int),
             "worker_count": 0,
@@ -473,6 +479,9 @@ def make_decoder(config, preprocess, tokenizer) -> ExampleDecoder:
         augment=_field(config, "augment"),
         crop_scale=tuple(_field(config, "crop_scale")),
         crop_ratio=tuple(_field(config, "crop_ratio")),
+        sentence_sampling=bool(_field(config, "sentence_sampling")),
+        max_sentences=int(_field(config, "max_sentences")),
+        hard_negatives=tuple(_field(config, "hard_negatives")),
         on_bad_input=_field(config, "on_bad_input"),
     )
 

@@ -56,6 +56,18 @@ def _smoothed_cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothi
     return -(1.0 - label_smoothing) * target_log_probs - label_smoothing * jnp.mean(log_probs, axis=-1)
 
 
+def _with_negatives(image_to_text: jax.Array, images: jax.Array, negatives: jax.Array | None,
+                    negative_mask: jax.Array | None, scale: jax.Array) -> jax.Array:
+    """Image -> text logits [N, B] extended by the hard negatives' columns [N, B + B_neg] (unit
+    `negatives` [B_neg, D]; masked-out negatives score -inf, so they never count)."""
+    if negatives is None:
+        return image_to_text
+    negative_logits = scale * images @ l2_normalize(negatives).T
+    if negative_mask is not None:
+        negative_logits = jnp.where(jnp.asarray(negative_mask, bool)[None, :], negative_logits, -jnp.inf)
+    return jnp.concatenate([image_to_text, negative_logits], axis=1)
+
+
 # --------------------------------------------------------------------------------------------------
 # Softmax contrastive loss (CLIP, symmetric InfoNCE)
 # --------------------------------------------------------------------------------------------------
@@ -68,6 +80,8 @@ def softmax_contrastive_loss_dense(
     *,
     label_smoothing: float = 0.0,
     max_scale: float = 100.0,
+    negatives: jax.Array | None = None,
+    negative_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Symmetric InfoNCE with the full [B, B] logits matrix (the reference form).
 
@@ -76,6 +90,9 @@ def softmax_contrastive_loss_dense(
       logit_scale: scalar, log of the inverse temperature.
       label_smoothing: mass spread uniformly over all B candidates.
       max_scale: cap on exp(logit_scale).
+      negatives, negative_mask: optional [B, D] hard-negative text embeddings (NegCLIP) and bool [B]
+        (False: example i has none). Each image is then classified against the B texts and every
+        real negative of the batch; the text -> image direction is unchanged.
 
     Returns:
       (loss, metrics): scalar float32 mean of the image->text and text->image cross entropies;
@@ -85,12 +102,13 @@ def softmax_contrastive_loss_dense(
     scale = clamped_scale(logit_scale, max_scale)
     logits = scale * images @ texts.T
     targets = jnp.arange(logits.shape[0])
+    image_to_text = _with_negatives(logits, images, negatives, negative_mask, scale)
     loss = 0.5 * (
-        jnp.mean(_smoothed_cross_entropy(logits, targets, label_smoothing))
+        jnp.mean(_smoothed_cross_entropy(image_to_text, targets, label_smoothing))
         + jnp.mean(_smoothed_cross_entropy(logits.T, targets, label_smoothing))
     )
     metrics = {
-        "i2t_accuracy": jnp.mean(jnp.argmax(logits, axis=1) == targets),
+        "i2t_accuracy": jnp.mean(jnp.argmax(image_to_text, axis=1) == targets),
         "t2i_accuracy": jnp.mean(jnp.argmax(logits, axis=0) == targets),
         "scale": scale,
     }
@@ -106,6 +124,8 @@ def softmax_contrastive_loss(
     mesh: Mesh | None = None,
     axis: str | Sequence[str] = DEFAULT_BATCH_AXES,
     max_scale: float = 100.0,
+    negatives: jax.Array | None = None,
+    negative_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Symmetric InfoNCE over the global batch; each device builds only its [B_local, B] logits.
 
@@ -117,23 +137,32 @@ def softmax_contrastive_loss(
       mesh: the device mesh; None runs the dense reference form.
       axis: mesh axes the batch is split over.
       max_scale: cap on exp(logit_scale).
+      negatives, negative_mask: hard negatives as in `softmax_contrastive_loss_dense`, split like
+        the batch; all-gathered with the texts, so every image meets every negative of the global batch.
 
     Returns:
       (loss, metrics) as `softmax_contrastive_loss_dense`, replicated scalars.
     """
     if mesh is None:
         return softmax_contrastive_loss_dense(
-            image_emb, text_emb, logit_scale, label_smoothing=label_smoothing, max_scale=max_scale
+            image_emb, text_emb, logit_scale, label_smoothing=label_smoothing, max_scale=max_scale,
+            negatives=negatives, negative_mask=negative_mask,
         )
+    if negatives is not None and negative_mask is None:
+        negative_mask = jnp.ones(negatives.shape[0], bool)
     axes = _axis_tuple(axis)
     global_batch = image_emb.shape[0]
     _check_divisible(global_batch, _shard_count(mesh, axes), axes)
     rows = PartitionSpec(axes, None)
 
+    with_negatives = negatives is not None
+    negative_inputs = (negatives, negative_mask) if with_negatives else ()
+    negative_specs = (rows, PartitionSpec(axes)) if with_negatives else ()
+
     @functools.partial(
-        jax.shard_map, mesh=mesh, in_specs=(rows, rows, PartitionSpec()), out_specs=PartitionSpec()
+        jax.shard_map, mesh=mesh, in_specs=(rows, rows, PartitionSpec(), *negative_specs), out_specs=PartitionSpec()
     )
-    def local_loss(local_images, local_texts, log_scale):
+    def local_loss(local_images, local_texts, log_scale, *local_negatives):
         images, texts = l2_normalize(local_images), l2_normalize(local_texts)
         scale = clamped_scale(log_scale, max_scale)
         all_images = jax.lax.all_gather(images, axes, tiled=True)
@@ -141,6 +170,10 @@ def softmax_contrastive_loss(
         local_batch = images.shape[0]
         targets = jax.lax.axis_index(axes) * local_batch + jnp.arange(local_batch)
         image_to_text = scale * images @ all_texts.T
+        if local_negatives:
+            all_negatives = jax.lax.all_gather(l2_normalize(local_negatives[0]), axes, tiled=True)
+            all_mask = jax.lax.all_gather(local_negatives[1], axes, tiled=True)
+            image_to_text = _with_negatives(image_to_text, images, all_negatives, all_mask, scale)
         text_to_image = scale * texts @ all_images.T
         loss_sum = jnp.sum(_smoothed_cross_entropy(image_to_text, targets, label_smoothing)) + jnp.sum(
             _smoothed_cross_entropy(text_to_image, targets, label_smoothing)
@@ -154,7 +187,7 @@ def softmax_contrastive_loss(
         loss_sum, correct = jax.lax.psum((loss_sum, correct), axes)
         return loss_sum / (2 * global_batch), correct / global_batch, scale
 
-    loss, accuracy, scale = local_loss(image_emb, text_emb, logit_scale)
+    loss, accuracy, scale = local_loss(image_emb, text_emb, logit_scale, *negative_inputs)
     return loss, {"i2t_accuracy": accuracy[0], "t2i_accuracy": accuracy[1], "scale": scale}
 
 
