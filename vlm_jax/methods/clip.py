@@ -7,10 +7,12 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
 from vlm_jax.config_lib import ConfigError, require_data_files, require_eval_files, require_path
+from vlm_jax.errors import UserError
 from vlm_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
 from vlm_jax.models.losses import (  # noqa: F401  (re-exported: methods.clip is where callers find them)
     DEFAULT_BATCH_AXES, clamped_scale, sigmoid_loss, sigmoid_loss_dense, softmax_contrastive_loss,
@@ -23,6 +25,30 @@ TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 def model_config_dict(config: CLIPConfig) -> ml_collections.ConfigDict:
     """A `CLIPConfig` as the nested `config.model` section of an experiment (every field overridable)."""
     return ml_collections.ConfigDict(dataclasses.asdict(config))
+
+
+def text_trainable_rules(depth: int, trainable_layers: int) -> tuple[tuple[str, bool], ...]:
+    """The `optim.trainable` rules of `text_trainable_layers`: (regex, False) pairs freezing the
+    text tower's token and position embeddings and all but the last `trainable_layers` of its
+    `depth` blocks; () for -1 (nothing frozen). They only freeze: the final LayerNorm, the text
+    projection (SigLIP: the text head) and the image tower are left to the other rules."""
+    if trainable_layers < 0:
+        return ()
+    if trainable_layers > depth:
+        raise ValueError(f"text_trainable_layers={trainable_layers} exceeds the text tower's {depth} blocks")
+    rules = [(r"^text_model/embeddings/", False)]
+    frozen = depth - trainable_layers
+    if frozen:
+        rules.append((rf"^text_model/encoder/layers/({'|'.join(str(i) for i in range(frozen))})/", False))
+    return tuple(rules)
+
+
+def _int_field(config, name: str, default: int) -> int:
+    value = config.get(name, default)
+    value = default if value is None else value
+    if isinstance(value, bool) or int(value) != value:
+        raise ConfigError(f"{name}={value!r} is not an integer; pass --config.{name}=N.")
+    return int(value)
 
 
 def _is_shapes_world(data_config) -> bool:
@@ -76,6 +102,19 @@ class ClipMethod:
       data: pipeline section (`vlm_jax.data.pipeline.default_config()`); text_keys pick the captions.
       named_caption_weight: Shapes World only; the chance that an example's caption is its
         `NamedCaptionSource` "named_caption" instead of data.text_keys[0] (0: never).
+      text_context_length: the text context in tokens; the tokenizer pads and truncates to it.
+        0 (default): the model's own (clip_dir's, else model.text.context_length). With clip_dir, a
+        longer one loads the text tower with Long-CLIP's stretch of its position embedding
+        (`vlm_jax.weights.positions`: 77 -> 248; any 20 + k * (stored - 20) for an integer k); a
+        shorter one is a ConfigError. Without clip_dir it sets model.text.context_length.
+      text_trainable_layers: -1 (default): the whole text tower trains (as optim.trainable says).
+        N >= 0: the text tower's token and position embeddings and all but its last N transformer
+        blocks are frozen; its final LayerNorm and the text projection train. Needs clip_dir (frozen
+        params come from a pretrained model) and N <= the text tower's depth. `check_config` puts the
+        rules (`text_trainable_rules`) in front of optim.trainable, the policy the trainer reads:
+        they only freeze, and the user's rules decide every other param (LiT's frozen image tower
+        stays frozen), so a param trains only where both allow it. `trainable_policy` gives the
+        combined policy.
       evals: evaluator specs (`vlm_jax.evaluate.suite`).
 
     Export: `<workdir>/export/` in the Hugging Face format (config.json, model.safetensors,
@@ -89,6 +128,7 @@ class ClipMethod:
         self._batch_axes = DEFAULT_BATCH_AXES
         self._loss = "softmax"
         self._label_smoothing = 0.0
+        self._clip_dir_config = None  # (clip_dir, its CLIPConfig), read by check_config
 
     # -- pieces derived from the config ---------------------------------------------------------
 
@@ -104,7 +144,8 @@ class ClipMethod:
                 directory = shapes_world.tokenizer_dir(config.data.data_dir, _shapes_world_build(config.data))
             if not directory:
                 raise ConfigError("No tokenizer: set --config.tokenizer_dir to a directory with tokenizer.json.")
-            context_length = None if config.get("clip_dir") else int(config.model.text.context_length)
+            context_length = _int_field(config, "text_context_length", 0) or (
+                None if config.get("clip_dir") else int(config.model.text.context_length))
             self._tokenizer = Tokenizer.from_dir(directory, context_length=context_length)
         return self._tokenizer
 
@@ -129,14 +170,80 @@ class ClipMethod:
         tokenizer = self.tokenizer(config)
         text = {**fields.pop("text"), "vocab_size": tokenizer.vocab_size, "eos_token_id": tokenizer.eos_id,
                 "pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id}
+        context_length = _int_field(config, "text_context_length", 0)
+        if context_length:
+            text["context_length"] = context_length
         return CLIPConfig(vision=VisionConfig(**fields.pop("vision")), text=TextConfig(**text), **fields)
+
+    def text_layer_rules(self, config) -> tuple[tuple[str, bool], ...]:
+        """The (regex, False) rules that `text_trainable_layers` adds to optim.trainable (() for -1);
+        the text tower's depth is clip_dir's. One-line ConfigErrors for a value the model cannot have."""
+        layers = _int_field(config, "text_trainable_layers", -1)
+        if layers < -1:
+            raise ConfigError(f"text_trainable_layers={layers}; use -1 (the whole text tower trains) or N >= 0 (only "
+                              "its last N blocks, final LayerNorm and projection train).")
+        if layers == -1:
+            return ()
+        if not config.get("clip_dir"):
+            raise ConfigError(f"clip_dir is not set, but text_trainable_layers={layers} freezes the text tower's "
+                              "embeddings and early blocks: frozen params must come from a pretrained CLIP; pass "
+                              "--config.clip_dir=DIR (a Hugging Face CLIP/SigLIP directory).")
+        depth = self._stored_config(config).text.depth
+        if layers > depth:
+            raise ConfigError(f"text_trainable_layers={layers} exceeds the {depth} blocks of the text tower of clip_dir "
+                              f"{config.clip_dir!r}; use 0..{depth}, or -1 for the whole tower.")
+        return text_trainable_rules(depth, layers)
+
+    def trainable_policy(self, config) -> tuple[tuple[str, bool], ...]:
+        """optim.trainable with the `text_trainable_layers` rules in front (first match decides; see
+        the class docstring); optim.trainable itself when they are already there or there are none."""
+        from vlm_jax.train.optim import optim_config  # noqa: PLC0415
+
+        user = config.optim.trainable if "optim" in config else optim_config().trainable
+        user = tuple((str(pattern), bool(trains)) for pattern, trains in user)
+        rules = self.text_layer_rules(config)
+        if user[:len(rules)] == rules:
+            return user
+        return rules + user
+
+    def _stored_config(self, config) -> CLIPConfig:
+        """clip_dir's config (read once); a one-line ConfigError when it cannot be read."""
+        cached = getattr(self, "_clip_dir_config", None)
+        if cached is None or cached[0] != config.clip_dir:
+            from vlm_jax.weights.pretrained import read_config  # noqa: PLC0415
+
+            try:
+                self._clip_dir_config = (config.clip_dir, read_config(config.clip_dir))
+            except UserError as error:
+                raise ConfigError(f"clip_dir {config.clip_dir!r}: {error}") from None
+        return self._clip_dir_config[1]
+
+    def _check_text_context_length(self, config) -> None:
+        length = _int_field(config, "text_context_length", 0)
+        if length == 0:
+            return
+        if length < 2:
+            raise ConfigError(f"text_context_length={length}; use 0 (the model's own) or a length >= 2.")
+        if config.get("clip_dir"):
+            from vlm_jax.weights.pretrained import with_text_context  # noqa: PLC0415
+
+            try:
+                with_text_context(self._stored_config(config), length, where=f"clip_dir {config.clip_dir!r}")
+            except UserError as error:
+                raise ConfigError(f"{error} Fix --config.text_context_length (0 keeps the model's own).") from None
 
     # -- the Method protocol --------------------------------------------------------------------
 
     def check_config(self, config) -> None:
         """One-line ConfigErrors for the paths `config` names, before any data is built or model made:
-        clip_dir (with config.json; required when optim.trainable freezes params, as LiT does), the
-        tokenizer (tokenizer_dir, else clip_dir's, else Shapes World's), and the data and eval files."""
+        clip_dir (with config.json; required when optim.trainable freezes params, as LiT does, and by
+        text_trainable_layers), text_context_length against clip_dir's context, text_trainable_layers
+        against its depth, the tokenizer (tokenizer_dir, else clip_dir's, else Shapes World's), and the
+        data and eval files.
+
+        Then it writes `trainable_policy(config)` to config.optim.trainable, so the run's config.json
+        shows the policy in force (idempotent: the rules are added once); the trainer asks
+        `trainable_policy` itself, so a run that skips this call freezes the same params."""
         clip_dir = config.get("clip_dir")
         if clip_dir:
             require_path(clip_dir, "clip_dir", field="clip_dir", containing=("config.json",))
@@ -146,6 +253,8 @@ class ClipMethod:
                 raise ConfigError(f"clip_dir is not set, but optim.trainable freezes {', '.join(frozen)}: frozen params "
                                   "must come from a pretrained CLIP; pass --config.clip_dir=DIR (a Hugging Face "
                                   "CLIP/SigLIP directory).")
+        rules = self.text_layer_rules(config)
+        self._check_text_context_length(config)
         if config.get("tokenizer_dir"):
             require_path(config.tokenizer_dir, "tokenizer_dir", field="tokenizer_dir", containing=TOKENIZER_FILES)
         elif clip_dir:
@@ -157,6 +266,8 @@ class ClipMethod:
                               "tokenizer.json).")
         require_data_files(config.data, "data")
         require_eval_files(config.get("evals"))
+        if rules and "optim" in config:
+            config.optim.trainable = self.trainable_policy(config)
 
     def reads_weights(self, config) -> bool:
         return bool(config.get("clip_dir"))
@@ -165,7 +276,8 @@ class ClipMethod:
         if config.get("clip_dir"):
             from vlm_jax.weights import load_model  # noqa: PLC0415
 
-            model = load_model(config.clip_dir, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+            model = load_model(config.clip_dir, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                               text_context_length=_int_field(config, "text_context_length", 0) or None)
         else:
             model = CLIP(self.model_config(config), rngs=rngs)
         if config.loss not in ("softmax", "sigmoid"):
@@ -182,22 +294,36 @@ class ClipMethod:
         return None
 
     def loss_fn(self, model, batch, constants, rng):
-        """Contrastive loss over the global batch {"image": [B, S, S, 3], "text_ids": [B, L]}."""
+        """Contrastive loss over the global batch {"image": [B, S, S, 3], "text_ids": [B, L]}; with
+        "negative_ids" [B, L] and "negative_mask" [B] (data.hard_negatives), each image is also
+        contrasted with every hard negative of the batch (softmax loss only)."""
         del constants, rng
         image_emb = model.encode_image(batch["image"])
         text_emb = model.encode_text(batch["text_ids"])
+        negatives = {}
+        if "negative_ids" in batch:
+            negatives = {"negatives": model.encode_text(batch["negative_ids"]), "negative_mask": batch["negative_mask"]}
         if self._loss == "sigmoid":
+            if negatives:
+                raise ConfigError("data.hard_negatives needs loss='softmax' (the sigmoid loss has no negatives term).")
             loss, metrics = sigmoid_loss(image_emb, text_emb, model.logit_scale[...], model.logit_bias[...],
                                          mesh=self._mesh, axis=self._batch_axes)
             metrics["logit_bias"] = metrics.pop("bias")
         else:
             loss, metrics = softmax_contrastive_loss(
                 image_emb, text_emb, model.logit_scale[...], label_smoothing=self._label_smoothing,
-                mesh=self._mesh, axis=self._batch_axes)
+                mesh=self._mesh, axis=self._batch_axes, **negatives)
+            if negatives:
+                metrics["hard_negatives"] = jnp.mean(jnp.asarray(batch["negative_mask"], jnp.float32))
         metrics["logit_scale"] = metrics.pop("scale")
         return loss, metrics
 
-    def train_iterator(self, config, process_index, process_count):
+    def train_source(self, config):
+        """(data config, record source or None) for `pipeline.make_train_iterator`: config.data and
+        None (the pipeline opens the source itself), except on Shapes World with named_caption_weight,
+        where the source is a `NamedCaptionSource` and the data config samples its "named_caption"
+        with that weight. Builds Shapes World when it is not built yet. Subclasses override this to
+        wrap the source."""
         from vlm_jax.data import pipeline  # noqa: PLC0415
 
         data, source = config.data, None
@@ -214,6 +340,12 @@ class ClipMethod:
                 data.text_weights = (1.0 - weight, weight)
         elif config.get("named_caption_weight", 0.0):
             raise ConfigError("named_caption_weight applies to Shapes World data only; set it to 0.")
+        return data, source
+
+    def train_iterator(self, config, process_index, process_count):
+        from vlm_jax.data import pipeline  # noqa: PLC0415
+
+        data, source = self.train_source(config)
         return pipeline.make_train_iterator(
             data, self.preprocess(config), self.tokenizer(config), int(config.global_batch_size),
             int(config.seed), process_index=process_index, process_count=process_count, source=source)

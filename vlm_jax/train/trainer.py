@@ -323,6 +323,8 @@ def build_training(config, method: Method) -> Training:
     rules, batch_axes = sharding_section["rules"], tuple(sharding_section["batch_axes"])
     seed = int(config.seed)
     optim_section = optim.optim_config().to_dict() | dict(config.optim)
+    if hasattr(method, "trainable_policy"):  # a method may add rules of its own fields (ClipMethod's text tower)
+        optim_section["trainable"] = method.trainable_policy(config)
     accumulation_steps = int(optim_section["accumulation_steps"])
     replicated = NamedSharding(mesh, PartitionSpec())
 
