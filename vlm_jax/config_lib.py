@@ -111,11 +111,39 @@ def require_data_files(data: Any, where: str) -> None:
         require_path(data.get("root"), f"{where}.root", field=f"{where}.root")
 
 
+# Eval types that read a public benchmark's own files (vlm_jax.evaluate.compositional): the files its
+# `path` names, or a folder holds.
+BENCHMARK_FILES = {
+    "sugarcrepe": ("add_obj.json", "add_att.json", "replace_obj.json", "replace_att.json", "replace_rel.json",
+                   "swap_obj.json", "swap_att.json"),
+    "aro_relation": ("visual_genome_relation.json",),
+    "aro_attribution": ("visual_genome_attribution.json",),
+    "coco_order": ("coco_karpathy_test.json",),
+    "flickr30k_order": ("flickr30k_test.json",),
+    "winoground": ("examples.jsonl",),
+    "long_retrieval": ("docci_descriptions.jsonlines",),
+}
+
+
+def require_benchmark_path(spec: Any, where: str) -> epath.Path:
+    """The file or folder a benchmark eval spec's `path` names (`where`: "evals.<name>"); a one-line
+    ConfigError when it is unset, missing, or a folder holding none of the type's files."""
+    path = require_path(spec.get("path"), f"{where}.path", field=f"{where}.path")
+    if path.is_dir():  # a file path is taken as the benchmark's file, whatever its name
+        require_path(str(path), f"{where}.path", field=f"{where}.path", containing=BENCHMARK_FILES[spec.get("type")])
+    return path
+
+
 def require_eval_files(evals: Any) -> None:
-    """`require_data_files` for the data section of every eval spec (`evals.<name>.data`)."""
+    """`require_data_files` for the data section of every eval spec (`evals.<name>.data`), and
+    `require_benchmark_path` for the specs that read a benchmark's files."""
     for name, spec in _as_dict(evals or {}).items():
-        if isinstance(spec, (Mapping, ml_collections.ConfigDict)) and "data" in spec:
+        if not isinstance(spec, (Mapping, ml_collections.ConfigDict)):
+            continue
+        if "data" in spec:
             require_data_files(spec["data"], f"evals.{name}.data")
+        if spec.get("type") in BENCHMARK_FILES:
+            require_benchmark_path(spec, f"evals.{name}")
 
 
 class MapOf:

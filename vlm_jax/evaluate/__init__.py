@@ -4,7 +4,7 @@ Each evaluator is a small object with `run(model) -> dict[str, float]`, built by
 with `get_evaluator(name, **kwargs)`.
 """
 
-from vlm_jax.evaluate import retrieval, zero_shot
+from vlm_jax.evaluate import compositional, retrieval, zero_shot
 from vlm_jax.evaluate.common import BatchedEncoder, get_evaluator, register_evaluator
 from vlm_jax.evaluate.retrieval import RetrievalEvaluator, retrieval_metrics
 from vlm_jax.evaluate.zero_shot import ZeroShotEvaluator, classification_metrics, zero_shot_classifier
@@ -14,6 +14,7 @@ __all__ = [
     "RetrievalEvaluator",
     "ZeroShotEvaluator",
     "classification_metrics",
+    "compositional",
     "get_evaluator",
     "register_evaluator",
     "retrieval",

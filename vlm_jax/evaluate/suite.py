@@ -3,7 +3,7 @@
 `config.evals` maps a name to one evaluator spec; metrics come back prefixed with `<name>/`:
 
     config.evals.cars = dict(
-        type="zero_shot",             # a registered evaluator: "zero_shot" | "retrieval"
+        type="zero_shot",             # "zero_shot" | "retrieval" | a compositional type (below)
         data=dict(dataset="cars", split="test", data_dir=None),   # pipeline.default_config() fields
         classes="",                   # registry name giving class names and templates ("": data.dataset)
         templates=(),                 # override the registry's prompt templates ("{}" = class name)
@@ -18,6 +18,31 @@
         data=dict(source="tfds", tfds_name="shapes_world/default", split="eval_retrieval",
                   text_keys=("dense_caption",), texts_per_example=1),
     )
+
+Compositional and long-caption benchmarks (`evaluate.compositional`) read the files each benchmark
+publishes from `path`, images from `image_dir` ("": where the benchmark ships them beside its files):
+
+    config.evals.sugarcrepe = dict(type="sugarcrepe", path="/data/sugarcrepe",   # the 7 JSON files
+                                   image_dir="/data/coco/val2017", categories=())  # (): every file
+    config.evals.vg_relation = dict(type="aro_relation", path="/data/aro")        # + images/
+    config.evals.vg_attribution = dict(type="aro_attribution", path="/data/aro")
+    config.evals.coco_order = dict(type="coco_order", path="/data/coco/coco_karpathy_test.json", seed=0)
+    config.evals.flickr_order = dict(type="flickr30k_order", path="/data/flickr30k/flickr30k_test.json")
+    config.evals.winoground = dict(type="winoground", path="/data/winoground")    # examples.jsonl + images/
+    config.evals.docci = dict(type="long_retrieval", path="/data/docci", data=dict(split="test"))
+    config.evals.shapes_compositional = dict(
+        type="shapes_compositional",
+        data=dict(tfds_name="shapes_world/default", split="eval_compositional"),
+    )
+
+`path` is the benchmark's folder or its one file (SugarCrepe: the folder); `categories` picks
+SugarCrepe files or Shapes World negative kinds; `seed` seeds the Order shuffles; `max_examples`,
+`batch_size` and `pred` mean what they mean above (`stored_dir` does not apply). A missing `path` is a
+one-line ConfigError (`config_lib.require_eval_files`) before anything runs. Metrics: sugarcrepe
+`<category>`, `mean`, `add`, `replace`, `swap`; aro_relation `macro`, `micro`, `relations`;
+aro_attribution `macro`, `micro`, `pairs`; coco_order and flickr30k_order `accuracy`; winoground
+`text`, `image`, `group`; long_retrieval `{image,text}_retrieval_recall@{1,5,10}`, `context_length`,
+`truncated`; shapes_compositional `<kind>`, `mean`.
 
 Every process evaluates the whole eval set (eval sets are small next to training data), so metrics
 are identical on all processes of a multi-host job. Besides its scores each evaluator reports
@@ -37,7 +62,7 @@ from absl import logging
 
 from vlm_jax.config_lib import ConfigError, check_fields
 from vlm_jax.data import datasets, pipeline
-from vlm_jax.evaluate import stored
+from vlm_jax.evaluate import compositional, stored
 from vlm_jax.evaluate.common import Evaluator, get_evaluator, skip_footnote
 from vlm_jax.evaluate.views import View, pixel_view, stored_view
 
@@ -55,6 +80,10 @@ def eval_spec(**overrides: Any) -> ml_collections.ConfigDict:
             "max_examples": 0,
             "pred": "clip",
             "stored_dir": "",
+            "path": "",
+            "image_dir": "",
+            "categories": (),
+            "seed": 0,
         }
     )
     spec.data.shuffle = False
@@ -155,6 +184,13 @@ def build_evaluator(name: str, spec: Mapping[str, Any], preprocess, tokenizer, v
     spec = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
     check_fields(spec, eval_spec(), f"evals.{name}")
     spec = eval_spec(**spec)
+    if spec.type in compositional.TYPES:
+        evaluator = compositional.build(name, spec, preprocess, tokenizer)
+        inputs = lambda encoder: pixel_view(encoder, tokenizer, int(spec.batch_size))  # noqa: E731
+        return SpecEvaluator(name, spec, evaluator, inputs, views)
+    if spec.type not in ("zero_shot", "retrieval"):
+        raise ConfigError(f"evals.{name}.type={spec.type!r} is not one of "
+                          f"{['zero_shot', 'retrieval', *compositional.TYPES]}.")
     batches = _batches(spec, preprocess, tokenizer)
     if spec.type == "zero_shot":
         entry = _registry_entry(spec.classes or spec.data.dataset)
@@ -165,12 +201,10 @@ def build_evaluator(name: str, spec: Mapping[str, Any], preprocess, tokenizer, v
             "zero_shot", data=batches, class_names=class_names, templates=templates,
             subsets=_class_subsets(entry, spec.subsets, spec.data.tfds_name or entry.tfds_name or ""),
         )
-    elif spec.type == "retrieval":
+    else:
         if not spec.stored_dir and (not spec.data.text_keys or not spec.data.texts_per_example):
             raise ConfigError(f"evals.{name}: retrieval needs data.text_keys and data.texts_per_example.")
         evaluator = get_evaluator("retrieval", data=batches)
-    else:
-        raise ConfigError(f"evals.{name}.type={spec.type!r} is not one of 'zero_shot', 'retrieval'.")
     if spec.stored_dir:
         prompts = stored.stored_prompts(spec.stored_dir)
         inputs = lambda encoder: stored_view(prompts)  # noqa: E731 - the stored source needs no encoder
