@@ -2,7 +2,8 @@
 
 `generate` sends one request per (image, prompt): the image
 re-encoded on the client (`image_format`, `jpeg_quality`) and downscaled so its longer side is at most
-`max_side` (never upscaled), as a data-URL `image_url` content part, then the prompt as a text part.
+`max_side` (never upscaled), as a data-URL `image_url` content part, then the prompt as a text part. An
+image of None sends the prompt alone (a text-only chat message, for text LM endpoints: alt-text rewriting).
 `score` asks the VQAScore question (`score_question`) per (image, candidate) and reads the first answer
 token's log p("Yes") from `logprobs`.
 Requests run `concurrency` at a time, each with `timeout_s`, retried on 429, 5xx, timeouts and connection
@@ -109,10 +110,11 @@ class OpenAIClient:
         config = self._config
         return f"OpenAIClient(base_url={config.base_url!r}, model={config.model!r}, server_kind={config.server_kind!r})"
 
-    def generate(self, images: Sequence[np.ndarray], prompts: Sequence[str], max_tokens: int = 64, *,
+    def generate(self, images: Sequence[np.ndarray | None], prompts: Sequence[str], max_tokens: int = 64, *,
                  schema: dict[str, Any] | None = None) -> list[str]:
-        """One answer per (image, prompt); "" where the request failed (counted). `schema` is asked for as
-        structured output when `structured_output` is set (how: `server_kind`)."""
+        """One answer per (image, prompt); "" where the request failed (counted). An image of None sends the
+        prompt alone (text only). `schema` is asked for as structured output when `structured_output` is set
+        (how: `server_kind`)."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images and {len(prompts)} prompts; give one prompt per image.")
         params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": self._config.temperature}
@@ -171,11 +173,13 @@ class OpenAIClient:
         self._count("score/neither_yes_no")
         return FLOOR
 
-    def _encode_all(self, images: Sequence[np.ndarray]) -> list[_Image]:
+    def _encode_all(self, images: Sequence[np.ndarray | None]) -> list[_Image | None]:
         with concurrent.futures.ThreadPoolExecutor(max_workers=self._config.concurrency) as pool:
             return list(pool.map(self._encode, images))
 
-    def _encode(self, image: np.ndarray) -> _Image:
+    def _encode(self, image: np.ndarray | None) -> _Image | None:
+        if image is None:
+            return None  # a text-only request
         array = np.asarray(image)
         if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
             raise ValueError(f"images must be uint8 [H, W, 3] arrays, got {array.dtype} {array.shape}.")
@@ -194,7 +198,8 @@ class OpenAIClient:
         url = f"data:image/{self._config.image_format};base64,{base64.b64encode(data).decode('ascii')}"
         return _Image(url=url, sha=hashlib.sha256(data).hexdigest())
 
-    def _run(self, requests: list[tuple[_Image, str, dict[str, Any]]], *, logprobs: bool) -> list[dict | None]:
+    def _run(self, requests: list[tuple[_Image | None, str, dict[str, Any]]], *,
+             logprobs: bool) -> list[dict | None]:
         """The first choice of each request's response, None where it failed; raises a UserError when every
         request failed to connect."""
         if not requests:
@@ -207,14 +212,16 @@ class OpenAIClient:
                             "requests failed to connect); start it or check --config.mllm.base_url.")
         return [choice for choice, _ in results]
 
-    def _call(self, image: _Image, prompt: str, params: dict[str, Any], *, call: _Call,
+    def _call(self, image: _Image | None, prompt: str, params: dict[str, Any], *, call: _Call,
               logprobs: bool) -> tuple[dict | None, str]:
         """(the first choice, "") from the cache or the server, or (None, the failure's reason)."""
         if "response_format" in params and not self._structured:
             params = {name: value for name, value in params.items() if name != "response_format"}
         body: dict[str, Any] = {"model": self._config.model} if self._config.model else {}
-        body["messages"] = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image.url}},
-                                                         {"type": "text", "text": prompt}]}]
+        content = [{"type": "text", "text": prompt}]
+        if image is not None:
+            content.insert(0, {"type": "image_url", "image_url": {"url": image.url}})
+        body["messages"] = [{"role": "user", "content": content}]
         body.update(params)
         path = self._cache_path(image, prompt, params) if self._config.cache_dir else ""
         if path and os.path.exists(path):
@@ -238,8 +245,9 @@ class OpenAIClient:
             write_atomic(path, lambda file: file.write(json.dumps({"choice": choice})), binary=False)
         return choice, ""
 
-    def _cache_path(self, image: _Image, prompt: str, params: dict[str, Any]) -> str:
-        key = json.dumps({"model": self._config.model, "image": image.sha, "prompt": prompt, "params": params},
+    def _cache_path(self, image: _Image | None, prompt: str, params: dict[str, Any]) -> str:
+        key = json.dumps({"model": self._config.model, "image": image.sha if image is not None else None,
+                          "prompt": prompt, "params": params},
                          sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
         return os.path.join(self._config.cache_dir, digest[:2], f"{digest}.json")
