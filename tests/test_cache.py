@@ -56,6 +56,26 @@ def test_different_config_or_dataset_version_gets_a_different_directory(tmp_path
     assert len({base, other_config, other_data}) == 3 and len(built) == 3
 
 
+def test_fields_at_their_default_leave_the_key_unchanged_and_others_change_it():
+    defaults = ml_collections.ConfigDict({"total_steps": 1000, "seed": 0, "data": {"augment": "none", "shuffle": True,
+                                                                                   "sentence_sampling": False}})
+    before = ml_collections.ConfigDict({"model": {"width": 128}, "total_steps": 10, "data": {"augment": "none"}})
+    grown = ml_collections.ConfigDict({"model": {"width": 128}, "total_steps": 10, "seed": 0,
+                                       "data": {"augment": "none", "shuffle": True, "sentence_sampling": False}})
+    assert cache.cache_key(before, "v1", defaults) == cache.cache_key(grown, "v1", defaults)
+    assert cache.cache_key(before, "v1") != cache.cache_key(grown, "v1")  # without defaults every field counts
+    changed = ml_collections.ConfigDict(grown.to_dict())
+    changed.data.sentence_sampling = True
+    assert cache.cache_key(changed, "v1", defaults) != cache.cache_key(grown, "v1", defaults)
+    assert cache.key_material(grown, "v1", defaults)["config"] == {"model": {"width": 128}, "total_steps": 10}
+    # Entries of a section of free names (evaluators) against one spec's defaults.
+    every = {"evals": {cache.EVERY: {"type": "zero_shot", "batch_size": 256, "path": ""}}}
+    old = {"evals": {"cars": {"type": "zero_shot", "batch_size": 64}}}
+    new = {"evals": {"cars": {"type": "zero_shot", "batch_size": 64, "path": ""}}}
+    assert cache.cache_key(old, "v1", every) == cache.cache_key(new, "v1", every)
+    assert cache.key_material(new, "v1", every)["config"] == {"evals": {"cars": {"batch_size": 64}}}
+
+
 def test_default_root_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("VLM_JAX_CACHE", str(tmp_path / "explicit"))
     assert cache.default_root() == tmp_path / "explicit"

@@ -18,7 +18,7 @@ SIGTERM during a stage or a run raises `Preempted` out of `run_experiment` (the 
 every finished stage, cached base model and checkpoint stays, so the same command resumes.
 
 Config fields read: seed, seeds, variants (name -> overrides), variant_labels, table (pairs of
-metric and column label), baseline_label.
+metric and column label), row_order (variant names in table order; others follow), baseline_label.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def experiment_schema(**sections: Any) -> dict[str, Any]:
     # A plain dict: a ConfigDict would refuse a MapOf where the trainer's config has a section.
     schema = dict(trainer_config().items())
     schema.update(preset="", data_dir="", clip_dir="", clip_config="", cache_dir="", dtype="float32", seeds=1,
-                  baseline_label="", table=(), data=default_config())
+                  baseline_label="", table=(), row_order=(), data=default_config())
     for name, value in {"variants": MapOf(None), "variant_labels": MapOf(None), "evals": MapOf(eval_spec()),
                         **sections}.items():
         schema[name] = value
@@ -123,8 +123,22 @@ def cached_model_dir(base, method, *, module, cache_dir: str | None, what: str) 
 
     version = module.dataset_version(base) if hasattr(module, "dataset_version") else ""
     directory = cached_run(base, lambda directory: train_export(base, directory, method, what), root=cache_dir or None,
-                           dataset_version=version, finished=lambda directory: export_finished(directory / "export"))
+                           dataset_version=version, finished=lambda directory: export_finished(directory / "export"),
+                           defaults=training_defaults())
     return str(directory / "export")
+
+
+def training_defaults() -> dict[str, Any]:
+    """The defaults of every training config: the trainer's fields with a data section; a cached
+    build's key leaves out the fields at these values (`vlm_jax.train.cache`)."""
+    from vlm_jax.data.pipeline import default_config  # noqa: PLC0415
+    from vlm_jax.evaluate.suite import eval_spec  # noqa: PLC0415
+    from vlm_jax.train.cache import EVERY  # noqa: PLC0415
+    from vlm_jax.train.trainer import trainer_config  # noqa: PLC0415
+
+    defaults = trainer_config().to_dict()
+    defaults.update(data=default_config().to_dict(), evals={EVERY: eval_spec().to_dict()})
+    return defaults
 
 
 def train_export(config, directory: epath.Path, method, what: str) -> str:
@@ -209,13 +223,16 @@ def pairs_build_config(data, embed: Mapping[str, Any]) -> ml_collections.ConfigD
 def store_evals(evals, model_dir: str, root: epath.Path, embed: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """Stores every eval set's embeddings by the frozen model under `root/<name>`; returns the eval
     specs reading them (`stored_dir` set)."""
-    from vlm_jax.evaluate import stored, suite  # noqa: PLC0415
+    from vlm_jax.evaluate import compositional, stored, suite  # noqa: PLC0415
     from vlm_jax.weights import load_pretrained  # noqa: PLC0415
 
     pretrained = load_pretrained(model_dir)
     specs = ml_collections.ConfigDict()
     for name, spec in evals.items():
         spec = suite.eval_spec(**spec.to_dict())
+        if spec.type in compositional.TYPES:  # scored from pixels and texts of their own files each time
+            specs[name] = spec
+            continue
         prepare_embedded(spec.data)
         class_names, templates = suite.class_names_and_templates(spec) if spec.type == "zero_shot" else ((), ())
         stored.store_eval_embeddings(spec, pretrained, root / name, embed, class_names, templates)
@@ -415,8 +432,11 @@ def run_experiment(config, workdir: epath.PathLike, method, *, stages: Callable[
               for variant, variant_runs in runs.items() for key in variant_runs[0] if key.startswith(tuple(counted))}
     results = {**summarize(frozen, runs, metrics), **skipped, **counts, **timings}
     labels = config.get("variant_labels") or {}
-    # The method itself (the variant that overrides nothing) first, its ablations under it.
-    order = sorted(runs, key=lambda variant: bool(config.variants[variant].to_dict()))
+    # `row_order` when given, else the method itself (the variant that overrides nothing) first, its
+    # ablations under it.
+    listed = [variant for variant in config.get("row_order", ()) if variant in runs]
+    order = listed + sorted((variant for variant in runs if variant not in listed),
+                            key=lambda variant: bool(config.variants[variant].to_dict()))
     rows = {"baseline": str(config.get("baseline_label", "baseline")),
             **{variant: str(labels.get(variant, variant)) for variant in order}}
     table = format_table(results, rows, [tuple(column) for column in config.table], int(config.seeds))

@@ -3,7 +3,10 @@
     directory = cached_run(config, lambda d: train(config, workdir=d), dataset_version="shapes_world/default:1.0.0")
 
 The key is a hash of the resolved config (JSON, sorted keys) and the dataset version, so any change
-to either names a new directory under the cache root (`$VLM_JAX_CACHE`, else `$XDG_CACHE_HOME/vlm_jax`,
+to either names a new directory under the cache root. Fields whose value equals the code's default
+(`defaults`, e.g. the trainer's and the data section's defaults) are left out of it: a release that
+adds a field with a default keeps every cached build, while setting any field to another value still
+names a new one. The cache root is (`$VLM_JAX_CACHE`, else `$XDG_CACHE_HOME/vlm_jax`,
 else `~/.cache/vlm_jax`). An exclusive `fcntl` lock per key serializes builders: a second caller
 waits for the first, then finds the completion marker and reuses the result. A build that dies
 (SIGKILL, preemption, an exception) leaves its directory without the marker; the next call runs
@@ -45,17 +48,46 @@ def default_root() -> pathlib.Path:
     return pathlib.Path(base) / "vlm_jax"
 
 
-def key_material(config: Any, dataset_version: str) -> dict[str, Any]:
-    """What the key hashes: the resolved config as plain JSON data and the dataset version."""
-    resolved = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    # A JSON round trip turns tuples into lists and leaves only what the hash sees.
-    resolved = json.loads(json.dumps(resolved, sort_keys=True, default=str))
+def _plain(value: Any) -> Any:
+    """A config (or mapping) as plain JSON data: a round trip turns tuples into lists."""
+    value = value.to_dict() if hasattr(value, "to_dict") else value
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+# In `defaults`, a section {EVERY: spec} gives the defaults of each entry of a section of free names
+# (evaluators, sources).
+EVERY = "*"
+
+
+def _without_defaults(config: Any, defaults: Any) -> Any:
+    """`config` without the fields whose value equals the one at the same place in `defaults`, and
+    without the sections left empty by that."""
+    if not isinstance(config, dict) or not isinstance(defaults, dict):
+        return config
+    kept = {}
+    for name, value in config.items():
+        default = defaults.get(name, defaults.get(EVERY))
+        if name not in defaults and EVERY not in defaults:
+            kept[name] = value
+        elif value != default:
+            pruned = _without_defaults(value, default)
+            if pruned != {} or value == {}:
+                kept[name] = pruned
+    return kept
+
+
+def key_material(config: Any, dataset_version: str, defaults: Any = None) -> dict[str, Any]:
+    """What the key hashes: the resolved config as plain JSON data, less the fields at their value in
+    `defaults` (a config of the code's defaults, or None), and the dataset version."""
+    resolved = _plain(config if hasattr(config, "to_dict") else dict(config))
+    if defaults is not None:
+        resolved = _without_defaults(resolved, _plain(defaults))
     return {"config": resolved, "dataset_version": str(dataset_version)}
 
 
-def cache_key(config: Any, dataset_version: str) -> str:
+def cache_key(config: Any, dataset_version: str, defaults: Any = None) -> str:
     """16 hex digits of the sha256 of `key_material` as sorted JSON."""
-    text = json.dumps(key_material(config, dataset_version), sort_keys=True, separators=(",", ":"))
+    text = json.dumps(key_material(config, dataset_version, defaults), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -94,6 +126,7 @@ def cached_run(
     dataset_version: str = "",
     lock_timeout: float = 6 * 3600.0,
     finished: Callable[[pathlib.Path], bool] | None = None,
+    defaults: Any = None,
 ) -> pathlib.Path:
     """The directory of the completed run of `config`, running `build(directory)` only if needed.
 
@@ -106,11 +139,12 @@ def cached_run(
       lock_timeout: seconds to wait for another process building the same key.
       finished: what else a completed directory must satisfy to be reused (None: nothing); one that
         fails it is built again in place.
+      defaults: the code's default config; fields of `config` at these values are not in the key.
     Returns:
       <root>/<cache_key>, holding COMPLETE.json.
     """
     root = pathlib.Path(root).expanduser() if root is not None else default_root()
-    key = cache_key(config, dataset_version)
+    key = cache_key(config, dataset_version, defaults)
     directory = root / key
 
     def complete() -> bool:
@@ -129,7 +163,7 @@ def cached_run(
         if complete():  # another process finished it while this one waited
             logging.info("reusing cached base model at %s", directory)
             return directory
-        material = key_material(config, dataset_version)
+        material = key_material(config, dataset_version, defaults)
         if directory.exists():
             logging.info("resuming the unfinished cached build at %s", directory)
             # A marker without what `finished` asks for is stale: remove it before building again.
