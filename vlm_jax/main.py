@@ -50,6 +50,8 @@ TASKS = {
     "reco": "vlm_jax.methods.reco:reco_task",
     "captioner": "vlm_jax.methods:captioner_task",
     "rar": "vlm_jax.methods.rar:rar_task",
+    "recap": "vlm_jax.methods.recap:recap_task",
+    "recaption": "vlm_jax.mllm.recaption:recaption_task",
 }
 
 

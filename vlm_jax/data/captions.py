@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from vlm_jax.config_lib import ConfigError
+
 # Attribute words by group; a swap exchanges two different words of one group. English words common
 # in captions, and Shapes World's attribute vocabulary (its colours, patterns and sizes are in them).
 ATTRIBUTE_GROUPS: Mapping[str, tuple[str, ...]] = {
@@ -98,7 +100,7 @@ _NEGATIVES = {"swap_attribute": swap_attribute, "swap_relation": swap_relation}
 def check_negative_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
     unknown = [kind for kind in kinds if kind not in _NEGATIVES]
     if unknown:
-        raise ValueError(f"hard negative kinds {unknown} are not among {list(NEGATIVE_KINDS)}.")
+        raise ConfigError(f"data.hard_negatives names {unknown}, which are not among {list(NEGATIVE_KINDS)}.")
     return tuple(kinds)
 
 

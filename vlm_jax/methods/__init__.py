@@ -23,6 +23,7 @@ METHODS = {
     "clip": "vlm_jax.methods.clip:ClipMethod",
     "reco": "vlm_jax.methods.reco:RecoMethod",
     "captioner": "vlm_jax.mllm.training:CaptionerMethod",  # the embedded MLLM (experiments/captioner.py)
+    "recap": "vlm_jax.methods.recap:RecapMethod",  # CLIP on a caption/recaption mixture (experiments/recap.py)
 }
 
 
