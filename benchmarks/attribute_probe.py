@@ -9,8 +9,10 @@ attribute of the object from the unnormalized image embedding:
     JAX_PLATFORMS=cpu .venv/bin/python benchmarks/attribute_probe.py \\
         --model_dir old=/work/runs/reco_before/clip/export --model_dir new=workdirs/clip/export
 
-Chance: shape 1/8, colour 1/8, pattern 1/4, size 1/2. An entity is (shape, colour, pattern), so a
-model whose shape probe sits near chance cannot tell apart the 8 entities sharing colour and pattern.
+Chance: shape 1/8, colour 1/8, pattern 1/4, size 1/2, quadrant 1/4. An entity is (shape, colour,
+pattern), so a model whose shape probe sits near chance cannot tell apart the 8 entities sharing colour
+and pattern. "quadrant" is where the object's box centre lies (top-left, top-right, bottom-left,
+bottom-right): a model that does not encode it cannot ground a spatial relation ("left of", "above").
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import numpy as np
 
 import bench_common
 
-ATTRIBUTES = ("shape", "colour", "pattern", "size")
+ATTRIBUTES = ("shape", "colour", "pattern", "size", "quadrant")
+QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
 
 
 def _parse_args() -> argparse.Namespace:
@@ -41,7 +44,8 @@ def _parse_args() -> argparse.Namespace:
 
 
 def attribute_targets(source, max_examples: int = 0) -> tuple[list[bytes], dict[str, np.ndarray]]:
-    """PNG bytes and {attribute: int [N] value ids} of the main object of each Shapes World record."""
+    """PNG bytes and {attribute: int [N] value ids} of the main object of each Shapes World record
+    (its quadrant from its box centre)."""
     count = len(source) if not max_examples else min(max_examples, len(source))
     images, targets = [], {name: [] for name in ATTRIBUTES}
     for index in range(count):
@@ -49,8 +53,10 @@ def attribute_targets(source, max_examples: int = 0) -> tuple[list[bytes], dict[
         regions = record["regions"]
         main = int(np.argmax(np.asarray(regions["is_main"])))
         images.append(record["image"])
-        for name in ATTRIBUTES:
+        for name in ATTRIBUTES[:-1]:
             targets[name].append(int(regions[name][main]))
+        ymin, xmin, ymax, xmax = np.asarray(regions["bbox"][main], np.float64)  # TFDS boxes, normalized
+        targets["quadrant"].append(2 * int((ymin + ymax) / 2 >= 0.5) + int((xmin + xmax) / 2 >= 0.5))
     return images, {name: np.asarray(values) for name, values in targets.items()}
 
 
@@ -78,7 +84,8 @@ def probe_attributes(embeddings: np.ndarray, targets: dict[str, np.ndarray], ste
     """{attribute: held-out linear-probe accuracy} of `embeddings` [N, D] for each attribute in `targets`."""
     from vlm_jax.data.shapes_world import world
 
-    values = {"shape": world.SHAPES, "colour": world.COLOURS, "pattern": world.PATTERNS, "size": world.SIZES}
+    values = {"shape": world.SHAPES, "colour": world.COLOURS, "pattern": world.PATTERNS, "size": world.SIZES,
+              "quadrant": QUADRANTS}
     return {name: bench_common.linear_probe(embeddings, target, len(values[name]), steps)
             for name, target in targets.items()}
 
@@ -95,7 +102,8 @@ def main() -> None:
     print(f"{len(images)} {args.tfds_name} {args.split} images; linear probes on the frozen image embeddings, "
           f"held-out accuracy (half fit, half scored, {args.probe_steps} Adam steps)")
     chance = {"shape": 1 / len(shapes_world.world.SHAPES), "colour": 1 / len(shapes_world.world.COLOURS),
-              "pattern": 1 / len(shapes_world.world.PATTERNS), "size": 1 / len(shapes_world.world.SIZES)}
+              "pattern": 1 / len(shapes_world.world.PATTERNS), "size": 1 / len(shapes_world.world.SIZES),
+              "quadrant": 1 / len(QUADRANTS)}
     entries = [(name or pathlib.Path(directory).parent.name, directory)
                for name, _, directory in (entry.rpartition("=") for entry in args.model_dir)]
     width = max(12, *(len(name) for name, _ in entries))

@@ -34,7 +34,13 @@ def test_targets_are_the_attributes_of_each_images_entity(test_build):
 
     images, targets = test_build
     labels = [int(r["label"]) for r in tfds.data_source("shapes_world/test", split="eval_classification")]
-    assert len(images) == len(labels) and set(targets) == {"shape", "colour", "pattern", "size"}
+    assert len(images) == len(labels) and set(targets) == {"shape", "colour", "pattern", "size", "quadrant"}
+    records = tfds.data_source("shapes_world/test", split="eval_classification")
+    for record, quadrant in zip(records, targets["quadrant"]):
+        main = int(np.argmax(record["regions"]["is_main"]))
+        ymin, xmin, ymax, xmax = record["regions"]["bbox"][main]
+        assert quadrant == {(False, False): 0, (False, True): 1, (True, False): 2, (True, True): 3}[
+            (ymin + ymax >= 1.0, xmin + xmax >= 1.0)]
     for label, shape, colour, pattern in zip(labels, targets["shape"], targets["colour"], targets["pattern"]):
         assert world.entity_attributes(label) == (world.SHAPES[shape], world.COLOURS[colour], world.PATTERNS[pattern])
     assert set(targets["size"].tolist()) == {0, 1}

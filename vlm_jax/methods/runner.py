@@ -405,8 +405,14 @@ def run_experiment(config, workdir: epath.PathLike, method, *, stages: Callable[
     configs = {name: run_config(variant, context) for name, variant in variants.items()}
     metrics = [metric for metric, _ in config.table]
     frozen = steps.run("baseline", lambda: dict(baseline_metrics(context)))
+    # Rows run in table order: `row_order` when given, else the method itself (the variant that
+    # overrides nothing) first, its ablations under it.
+    listed = [variant for variant in config.get("row_order", ()) if variant in configs]
+    order = listed + sorted((variant for variant in configs if variant not in listed),
+                            key=lambda variant: bool(config.variants[variant].to_dict()))
     runs: dict[str, list[dict[str, float]]] = {}
-    for variant, variant_config in configs.items():
+    for variant in order:
+        variant_config = configs[variant]
         runs[variant] = []
         for index in range(int(config.seeds)):
             run_dir = workdir / "runs" / variant / f"seed_{index}"
@@ -432,11 +438,6 @@ def run_experiment(config, workdir: epath.PathLike, method, *, stages: Callable[
               for variant, variant_runs in runs.items() for key in variant_runs[0] if key.startswith(tuple(counted))}
     results = {**summarize(frozen, runs, metrics), **skipped, **counts, **timings}
     labels = config.get("variant_labels") or {}
-    # `row_order` when given, else the method itself (the variant that overrides nothing) first, its
-    # ablations under it.
-    listed = [variant for variant in config.get("row_order", ()) if variant in runs]
-    order = listed + sorted((variant for variant in runs if variant not in listed),
-                            key=lambda variant: bool(config.variants[variant].to_dict()))
     rows = {"baseline": str(config.get("baseline_label", "baseline")),
             **{variant: str(labels.get(variant, variant)) for variant in order}}
     table = format_table(results, rows, [tuple(column) for column in config.table], int(config.seeds))
