@@ -142,6 +142,8 @@ class _Batcher:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's listen backlog is 5: a burst of 32 clients connecting at once got connection resets.
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], backend: Any, model_name: str, max_batch: int, max_wait_s: float):
         super().__init__(address, _Handler)
