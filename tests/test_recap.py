@@ -68,6 +68,17 @@ def test_misspelt_fields_stop_before_any_work(tmp_path, where, change, message):
     assert not (tmp_path / "cache").exists() and not (tmp_path / "work").exists()
 
 
+def test_a_real_preset_stops_on_an_unset_benchmark_folder_before_recaptioning(tmp_path):
+    config = experiment_config("datacomp_b16")
+    corpus = tmp_path / "corpus-00000.array_record"
+    corpus.touch()
+    config.data.paths = config.recaption.data.paths = str(corpus)
+    config.mllm.base_url = "http://127.0.0.1:9/v1"
+    with pytest.raises(ConfigError, match=r"evals\.\w+\.path is not set"):
+        recap.recap_task(config, tmp_path / "work")
+    assert not (tmp_path / "work").exists()
+
+
 def _recaptions(tmp_path, limit: int) -> str:
     """Fake recaptions of shapes_world/test's first `limit` pretrain records: "recaption of <index>"."""
     config = experiment_config("shapes,smoke=True")

@@ -28,7 +28,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from vlm_jax.config_lib import ConfigError, check_fields, require_data_files, require_path
+from vlm_jax.config_lib import ConfigError, check_fields, require_data_files, require_eval_files, require_path
 from vlm_jax.data import captions, pipeline
 from vlm_jax.evaluate.stored import Head
 from vlm_jax.methods import runner
@@ -132,6 +132,7 @@ def check_recap_experiment(config) -> None:
         captions.check_negative_kinds(variant.data.hard_negatives)
     require_data_files(config.data, "data")
     require_data_files(config.recaption.data, "recaption.data")
+    require_eval_files(config.evals)
 
 
 def recap_task(config, workdir) -> dict[str, float]:
