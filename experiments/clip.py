@@ -166,6 +166,10 @@ def get_config(arg=None):
     # Shapes World: chance of the "a photo of a <name>." rewrite of a weak caption that names its main
     # object (methods/clip.py NamedCaptionSource); 0 trains on the weak captions as they are.
     config.named_caption_weight = 0.0
+    # Text context in tokens (0: the model's own; with clip_dir, longer stretches its positions by
+    # Long-CLIP's rule) and how much of the text tower trains (-1: all; N: its last N blocks only).
+    config.text_context_length = 0
+    config.text_trainable_layers = -1
     config.progress = not arg.smoke
     if arg.preset == "shapes":
         _shapes(config, arg.smoke)

@@ -137,7 +137,8 @@ def training_defaults() -> dict[str, Any]:
     from vlm_jax.train.trainer import trainer_config  # noqa: PLC0415
 
     defaults = trainer_config().to_dict()
-    defaults.update(data=default_config().to_dict(), evals={EVERY: eval_spec().to_dict()})
+    defaults.update(data=default_config().to_dict(), evals={EVERY: eval_spec().to_dict()},
+                    text_context_length=0, text_trainable_layers=-1)  # ClipMethod's, where they change nothing
     return defaults
 
 
