@@ -48,37 +48,33 @@ the current one. The HTTP backend runs `mllm.concurrency` requests at a time wit
 with `mllm.backend="openai"` keep `recaption.batch_size >= mllm.concurrency` (a smaller batch leaves
 request slots idle); the embedded backend runs `mllm.batch_size` images per jitted call.
 
-Output is written with local file APIs (ArrayRecord, os.replace): `output_dir` is a local path.
+Output is written with local file APIs (ArrayRecord, os.replace): `output_dir` is a local path. The corpus
+reader, the shard store and the batch loop are `vlm_jax.mllm.records`', shared with `vlm_jax.mllm.annotate`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import dataclasses
-import json
 import os
 import re
 import string
-import time
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import ml_collections
-import numpy as np
 from absl import logging
 
 from vlm_jax.config_lib import ConfigError, check_fields, require_data_files, require_path
 from vlm_jax.data import pipeline
-from vlm_jax.errors import UserError
-from vlm_jax.files import write_atomic
+from vlm_jax.mllm.records import (BatchedReader, Item, Plan, RunStats, ShardStore, build, data_manifest, describe,
+                                  generate_checked, new_counts, normalize_id, plan_run, read_array_record_shard,
+                                  record_text, run_batches, scan_ids, tally, write_json)
 
 MODES = ("grounded", "ungrounded", "rewrite")
 PLACEHOLDERS = ("alt_text", "title")
 REASONS = ("empty", "too_short", "too_long", "repetitive", "refusal", "script", "corrupt_image", "corrupt_record",
            "no_source_text")
 SHARD_PREFIX = "recaptions-"
-SHARD_PATTERN = re.compile(r"^recaptions-(\d{5,})\.(array_record|jsonl)$")
+SHARD_PATTERN = ShardStore("", SHARD_PREFIX).pattern  # recaptions-NNNNN.array_record / .jsonl
 MANIFEST_FILE = "recaption.json"
 SUMMARY_FILE = "summary.json"
 SHAPES_WORLD_PROMPT = "Describe the image."  # the prompt the embedded Shapes World captioner is trained on
@@ -296,11 +292,21 @@ def check_recaption_config(config: Any) -> None:
     mllm = parse_mllm(config.mllm)
     section = _task_section(config)
     check_recaption_section(section)
+    if mllm.backend == "embedded" and section.mode == "rewrite":
+        raise ConfigError("recaption.mode='rewrite' is text-only and the embedded captioner needs an image; use "
+                          "an openai-compatible text LM endpoint (--config.mllm.backend=openai "
+                          "--config.mllm.base_url=http://HOST:PORT/v1).")
+    check_task_mllm(config, "recaption", section.batch_size)
+
+
+def check_task_mllm(config: Any, where: str, batch_size: int) -> Any:
+    """The parsed `config.mllm` of a corpus task, checked: the embedded backend needs mllm.model_dir (an export)
+    or an mllm_config that trains one; the openai backend a base_url (a `where`.batch_size below its concurrency
+    is warned about). One-line ConfigErrors."""
+    from vlm_jax.mllm.config import parse_mllm  # noqa: PLC0415
+
+    mllm = parse_mllm(config.mllm)
     if mllm.backend == "embedded":
-        if section.mode == "rewrite":
-            raise ConfigError("recaption.mode='rewrite' is text-only and the embedded captioner needs an image; use "
-                              "an openai-compatible text LM endpoint (--config.mllm.backend=openai "
-                              "--config.mllm.base_url=http://HOST:PORT/v1).")
         if mllm.model_dir:
             require_path(mllm.model_dir, "mllm.model_dir", field="mllm.model_dir", containing=("captioner.json",))
         elif not config.get("mllm_config"):
@@ -308,9 +314,10 @@ def check_recaption_config(config: Any) -> None:
                               "experiments/captioner.py export) or --config.mllm_config=experiments/captioner.py.")
     elif not mllm.base_url:
         raise ConfigError("mllm.backend='openai' needs --config.mllm.base_url=http://HOST:PORT/v1 (and mllm.model).")
-    elif section.batch_size < mllm.concurrency:
-        logging.warning("recaption.batch_size=%d is below mllm.concurrency=%d: each call leaves request slots idle; "
-                        "raise recaption.batch_size.", section.batch_size, mllm.concurrency)
+    elif batch_size < mllm.concurrency:
+        logging.warning("%s.batch_size=%d is below mllm.concurrency=%d: each call leaves request slots idle; "
+                        "raise %s.batch_size.", where, batch_size, mllm.concurrency, where)
+    return mllm
 
 
 def _task_section(config: Any) -> ml_collections.ConfigDict:
@@ -332,142 +339,46 @@ def _as_config(section: Any) -> ml_collections.ConfigDict:
 # -- reading the corpus --------------------------------------------------------------------------------------
 
 
-def normalize_id(value: Any) -> str | None:
-    """A record id as stored: str (UTF-8 bytes decoded, numpy scalars as their Python value); None stays."""
-    if value is None:
-        return None
-    if isinstance(value, np.ndarray) and value.ndim == 0:
-        value = value.item()
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode("utf-8", "replace")
-    return str(value)
-
-
-def _text(value: Any) -> str:
-    """A record's text field as one str ("" when absent; the first non-empty entry of a list)."""
-    if value is None:
-        return ""
-    if isinstance(value, np.ndarray):
-        value = value.item() if value.ndim == 0 else list(value)
-    if isinstance(value, (list, tuple)):
-        return next((text for text in (_text(item) for item in value) if text), "")
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode("utf-8", "replace").strip()
-    return str(value).strip()
-
-
-def _image_key(data: Any) -> str:
-    dataset = pipeline._field(data, "dataset")  # noqa: SLF001 - the pipeline's own field defaults
-    if dataset:
-        from vlm_jax.data import datasets  # noqa: PLC0415
-
-        return datasets.get(dataset).image_key
-    return pipeline._field(data, "image_key") or "image"  # noqa: SLF001
-
-
-@dataclasses.dataclass
-class _Item:
-    position: int
-    id: str | None = None
-    source_text: str = ""
-    title: str = ""
-    image: np.ndarray | None = None
-    reason: str = ""
-
-
-class _Reader:
-    """Reads and decodes the records a batch names (on the prefetch thread)."""
-
-    def __init__(self, source: Any, section: ml_collections.ConfigDict):
-        self.source, self.section = source, section
-        self.image_key = _image_key(section.data)
-        self.needs_image = section.mode != "rewrite"
-
-    def read(self, positions: Sequence[int]) -> list[_Item]:
-        from vlm_jax.data.bad_input import BadRecordError  # noqa: PLC0415
-        from vlm_jax.data.decoding import decode_image  # noqa: PLC0415
-
-        section = self.section
-        items = []
-        for position in positions:
-            item = _Item(position)
-            items.append(item)
-            try:
-                record = self.source[position]
-            except (BadRecordError, OSError, ValueError) as error:
-                logging.debug("record %d cannot be read: %s", position, error)
-                item.reason = "corrupt_record"
-                continue
-            if section.id_key not in record:
-                raise UserError(f"recaption.id_key={section.id_key!r} is not a field of the corpus records (fields: "
-                                f"{sorted(record)}); set --config.recaption.id_key (Shapes World: 'index').")
-            item.id = normalize_id(record[section.id_key])
-            if section.alt_text_key:
-                item.source_text = _text(record.get(section.alt_text_key))
-            if section.title_key:
-                item.title = _text(record.get(section.title_key))
-            if self.needs_image:
-                try:
-                    item.image = decode_image(record.get(self.image_key))
-                except Exception as error:  # noqa: BLE001 - PIL raises many kinds for a broken file
-                    logging.debug("record %d: the image does not decode: %s", position, error)
-                    item.reason = "corrupt_image"
-            elif section.mode == "rewrite" and not item.source_text:
-                item.reason = "no_source_text"
-        return items
+def _read(reader: BatchedReader, mode: str, positions: Sequence[int]) -> list[Item]:
+    """The batch's records; in rewrite mode a record without alt-text is rejected "no_source_text"."""
+    items = reader.read(positions)
+    for item in items:
+        if mode == "rewrite" and not item.reason and not item.texts.get("alt_text"):
+            item.reason = "no_source_text"
+    return items
 
 
 # -- the output store ----------------------------------------------------------------------------------------
 
 
+def _store(directory: str | os.PathLike) -> ShardStore:
+    return ShardStore(directory, SHARD_PREFIX)
+
+
 def shard_paths(directory: str | os.PathLike, number: int) -> tuple[str, str]:
     """(the .array_record path, the .jsonl path) of shard `number`."""
-    base = os.path.join(os.fspath(directory), f"{SHARD_PREFIX}{number:05d}")
-    return f"{base}.array_record", f"{base}.jsonl"
+    return _store(directory).paths(number)
 
 
 def finished_shards(directory: str | os.PathLike) -> list[int]:
     """The numbers of the finished shards (those whose .array_record exists), sorted."""
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        return []
-    numbers = []
-    for name in os.listdir(directory):
-        match = SHARD_PATTERN.match(name)
-        if match and match.group(2) == "array_record":
-            numbers.append(int(match.group(1)))
-    return sorted(numbers)
+    return _store(directory).finished()
 
 
-def read_shard(path: str) -> list[dict[str, Any]]:
-    """The records of one finished .array_record shard."""
-    from array_record.python import array_record_module  # noqa: PLC0415
-
-    reader = array_record_module.ArrayRecordReader(path)
-    try:
-        return [json.loads(raw) for raw in reader.read_all()]
-    finally:
-        reader.close()
+read_shard = read_array_record_shard  # the records of one finished .array_record shard
 
 
 def iter_records(directory: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """Every record of every finished shard, shard by shard."""
-    for number in finished_shards(directory):
-        yield from read_shard(shard_paths(directory, number)[0])
+    return _store(directory).records()
 
 
 def summarize(directory: str | os.PathLike) -> dict[str, Any]:
     """written, kept and rejected {reason: count} recomputed from the finished shards."""
-    written, kept, rejected = 0, 0, {}
+    counts = new_counts()
     for record in iter_records(directory):
-        written += 1
-        if record["rejected"]:
-            rejected[record["rejected"]] = rejected.get(record["rejected"], 0) + 1
-        else:
-            kept += 1
-    return {"written": written, "kept": kept, "rejected": dict(sorted(rejected.items()))}
+        tally(counts, record)
+    return {"written": counts["written"], "kept": counts["kept"], "rejected": dict(sorted(counts["rejected"].items()))}
 
 
 def read_recaptions(directory: str | os.PathLike) -> dict[str, str]:
@@ -476,127 +387,20 @@ def read_recaptions(directory: str | os.PathLike) -> dict[str, str]:
             if not record["rejected"] and record["id"] is not None}
 
 
-def _fsync(path: str) -> None:
-    with open(path, "rb") as file:
-        os.fsync(file.fileno())
-
-
-def _write_shard(directory: str, number: int, records: Sequence[Mapping[str, Any]]) -> None:
-    """Shard `number`: the JSONL twin, then the ArrayRecord file, each under a temporary name, renamed whole."""
-    from array_record.python import array_record_module  # noqa: PLC0415
-
-    array_path, jsonl_path = shard_paths(directory, number)
-    lines = [json.dumps(record, ensure_ascii=False) for record in records]
-    write_atomic(jsonl_path, lambda file: file.write("".join(line + "\n" for line in lines)), binary=False)
-    temporary = f"{array_path}.tmp-{uuid.uuid4().hex}"
-    try:
-        writer = array_record_module.ArrayRecordWriter(temporary, "group_size:1")
-        try:
-            for line in lines:
-                writer.write(line.encode("utf-8"))
-        finally:
-            writer.close()
-        _fsync(temporary)
-        os.replace(temporary, array_path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def _clean(directory: str) -> None:
-    """Removes temporary files and twins without their .array_record (from an interrupted shard), and writes the
-    twin of a finished shard that lacks one."""
-    finished = set(finished_shards(directory))
-    for name in os.listdir(directory):
-        path = os.path.join(directory, name)
-        match = SHARD_PATTERN.match(name)
-        if ".tmp-" in name:
-            os.remove(path)
-        elif match and match.group(2) == "jsonl" and int(match.group(1)) not in finished:
-            logging.info("Removing %s: its shard was interrupted before it was finished.", path)
-            os.remove(path)
-    for number in finished:
-        array_path, jsonl_path = shard_paths(directory, number)
-        if not os.path.exists(jsonl_path):
-            lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in read_shard(array_path)]
-            write_atomic(jsonl_path, lambda file, lines=lines: file.write("".join(lines)), binary=False)
-
-
 def _manifest(section: ml_collections.ConfigDict) -> dict[str, Any]:
     """The settings that decide the output's content."""
-    data = {name: pipeline._field(section.data, name)  # noqa: SLF001
-            for name in ("source", "dataset", "tfds_name", "split", "paths", "root", "image_key", "image_path_key")}
     return {"mode": section.mode, "prompt": section.prompts[section.mode], "max_tokens": int(section.max_tokens),
             "id_key": section.id_key, "alt_text_key": section.alt_text_key, "title_key": section.title_key,
-            "filters": json.loads(json.dumps(section.filters.to_dict())), "data": data}
-
-
-def _pin_manifest(directory: str, section: ml_collections.ConfigDict) -> None:
-    path = os.path.join(directory, MANIFEST_FILE)
-    current = _manifest(section)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as file:
-            pinned = json.load(file)
-        for name in sorted(set(pinned) | set(current)):
-            if pinned.get(name) != current.get(name):
-                raise UserError(f"{directory} holds recaptions made with {name}={pinned.get(name)!r}, and this run "
-                                f"has {current.get(name)!r}; use another output directory, or delete {directory} "
-                                "to start over.")
-        return
-    write_atomic(path, lambda file: file.write(json.dumps(current, indent=2, sort_keys=True) + "\n"), binary=False)
+            "filters": section.filters.to_dict(), "data": data_manifest(section.data)}
 
 
 # -- the pipeline --------------------------------------------------------------------------------------------
 
 
-def _describe(mllm: Any) -> str:
-    return repr(mllm) if type(mllm).__repr__ is not object.__repr__ else type(mllm).__name__
-
-
-def _failures(mllm: Any) -> int:
-    counts = getattr(mllm, "counts", None)
-    if not isinstance(counts, Mapping):
-        return 0
-    return sum(int(value) for name, value in counts.items() if str(name).startswith("failed/"))
-
-
-@dataclasses.dataclass
-class _Plan:
-    source: Any
-    total: int
-    todo: list[int]
-    counts: dict[str, Any]
-    next_shard: int
-
-
-def _plan(section: ml_collections.ConfigDict, directory: str) -> _Plan:
+def _plan(section: ml_collections.ConfigDict, directory: str) -> Plan:
     """Opens the corpus and the output directory: what is done, what is left."""
-    pipeline.prepare_embedded(section.data)
-    source = pipeline.make_source(section.data)
-    total = len(source) if not section.limit else min(int(section.limit), len(source))
-    os.makedirs(directory, exist_ok=True)
-    _pin_manifest(directory, section)
-    _clean(directory)
-    done: set[int] = set()
-    counts = {"written": 0, "kept": 0, "rejected": {}}
-    numbers = finished_shards(directory)
-    for number in numbers:
-        for record in read_shard(shard_paths(directory, number)[0]):
-            if record["index"] in done:
-                raise UserError(f"{directory}: source position {record['index']} is in more than one shard; the "
-                                "directory was written by something else. Use a new output directory.")
-            done.add(record["index"])
-            _count(counts, record)
-    todo = [position for position in range(total) if position not in done]
-    return _Plan(source, total, todo, counts, (numbers[-1] + 1) if numbers else 0)
-
-
-def _count(counts: dict[str, Any], record: Mapping[str, Any]) -> None:
-    counts["written"] += 1
-    if record["rejected"]:
-        counts["rejected"][record["rejected"]] = counts["rejected"].get(record["rejected"], 0) + 1
-    else:
-        counts["kept"] += 1
+    return plan_run(section.data, int(section.limit), _store(directory), MANIFEST_FILE, _manifest(section),
+                    "recaptions")
 
 
 def pending(section: Any, directory: str | os.PathLike) -> int:
@@ -606,20 +410,12 @@ def pending(section: Any, directory: str | os.PathLike) -> int:
     return len(_plan(section, os.fspath(directory)).todo)
 
 
-def _generate(mllm: Any, items: list[_Item], section: ml_collections.ConfigDict) -> tuple[list[dict], int]:
+def _generate(mllm: Any, items: list[Item], section: ml_collections.ConfigDict) -> tuple[list[dict], int]:
     """(the output records of one batch, the number of items whose request failed: left out, retried later)."""
     template = section.prompts[section.mode]
     ready = [item for item in items if not item.reason]
-    texts: list[str] = []
-    failed_during = False
-    if ready:
-        prompts = [render_prompt(template, item.source_text, item.title) for item in ready]
-        images = [item.image for item in ready]
-        before = _failures(mllm)
-        texts = list(mllm.generate(images, prompts, int(section.max_tokens)))
-        failed_during = _failures(mllm) > before
-        if len(texts) != len(ready):
-            raise RuntimeError(f"the MLLM answered {len(texts)} of {len(ready)} prompts")
+    prompts = [render_prompt(template, item.texts.get("alt_text", ""), item.texts.get("title", "")) for item in ready]
+    texts, failed_during = generate_checked(mllm, [item.image for item in ready], prompts, section.max_tokens)
     answers = {id(item): text for item, text in zip(ready, texts)}
     records, failed = [], 0
     for item in items:
@@ -632,7 +428,7 @@ def _generate(mllm: Any, items: list[_Item], section: ml_collections.ConfigDict)
         else:
             reason = quality_reason(text, section.filters)
         records.append({"id": item.id, "index": item.position, "recaption": None if reason else text,
-                        "rejected": reason, "source_text": item.source_text})
+                        "rejected": reason, "source_text": item.texts.get("alt_text", "")})
     return records, failed
 
 
@@ -651,57 +447,29 @@ def recaption(config: Any, mllm: Any, output_dir: str | os.PathLike, *, backend:
     plan = _plan(section, directory)
     logging.info("Recaption %s: %d of %d records to do (%d already in %d shards), mode %s.", directory,
                  len(plan.todo), plan.total, plan.total - len(plan.todo), plan.next_shard, section.mode)
-    counts, failed, processed = plan.counts, 0, 0
-    started = time.perf_counter()
-    seconds = 0.0
+    counts, stats = plan.counts, RunStats()
     if plan.todo:
-        if not hasattr(mllm, "generate") and callable(mllm):
-            mllm = mllm()
-        backend = backend or _describe(mllm)
-        reader = _Reader(plan.source, section)
-        shards = [plan.todo[start:start + section.shard_size]
-                  for start in range(0, len(plan.todo), section.shard_size)]
-        batches = [(shard, positions[start:start + section.batch_size]) for shard, positions in enumerate(shards)
-                   for start in range(0, len(positions), section.batch_size)]
-        from tqdm import tqdm  # noqa: PLC0415
-
-        number = plan.next_shard
-        started = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="recaption-read") as pool, \
-                tqdm(total=len(plan.todo), desc="recaption", unit="items", disable=not section.progress,
-                     dynamic_ncols=True) as progress:
-            future = pool.submit(reader.read, batches[0][1])
-            records: list[dict[str, Any]] = []
-            for position, (shard, _) in enumerate(batches):
-                items = future.result()
-                if position + 1 < len(batches):
-                    future = pool.submit(reader.read, batches[position + 1][1])
-                batch_records, batch_failed = _generate(mllm, items, section)
-                records.extend(batch_records)
-                failed += batch_failed
-                processed += len(items)
-                progress.update(len(items))
-                last = position + 1 == len(batches) or batches[position + 1][0] != shard
-                if last and records:
-                    _write_shard(directory, number, records)
-                    for record in records:
-                        _count(counts, record)
-                    number += 1
-                    records = []
-                progress.set_postfix(kept=counts["kept"], rejected=sum(counts["rejected"].values()), refresh=False)
-        seconds = time.perf_counter() - started
-        if failed:
+        mllm = build(mllm)
+        backend = backend or describe(mllm)
+        reader = BatchedReader(plan.source, section.data, id_key=section.id_key, where="recaption",
+                               text_keys={"alt_text": section.alt_text_key, "title": section.title_key},
+                               needs_image=section.mode != "rewrite")
+        stats = run_batches(plan.todo, lambda positions: _read(reader, section.mode, positions),
+                            lambda items: _generate(mllm, items, section), _store(directory), plan.next_shard,
+                            shard_size=section.shard_size, batch_size=section.batch_size, counts=counts,
+                            count=lambda record: tally(counts, record), progress=section.progress, desc="recaption")
+        if stats.failed:
             logging.warning("Recaption: %d answers were lost to failed requests; they are not written, and rerunning "
-                            "the same command retries them.", failed)
+                            "the same command retries them.", stats.failed)
+    failed, processed = stats.failed, stats.processed
     summary = {
         "written": counts["written"], "kept": counts["kept"], "rejected": dict(sorted(counts["rejected"].items())),
         "failed": failed, "remaining": len(plan.todo) - (processed - failed), "total": plan.total,
-        "items_per_s": processed / seconds if seconds > 0 else 0.0, "seconds": seconds, "mode": section.mode,
-        "backend": backend or (_describe(mllm) if hasattr(mllm, "generate") else ""),
+        "items_per_s": stats.items_per_s, "seconds": stats.seconds, "mode": section.mode,
+        "backend": backend or (describe(mllm) if hasattr(mllm, "generate") else ""),
         "shards": len(finished_shards(directory)),
     }
-    write_atomic(os.path.join(directory, SUMMARY_FILE),
-                 lambda file: file.write(json.dumps(summary, indent=2, sort_keys=True) + "\n"), binary=False)
+    write_json(os.path.join(directory, SUMMARY_FILE), summary)
     return summary
 
 
@@ -735,29 +503,36 @@ def recaption_dir(config_section: Any, mllm_section: Any, directory: str | os.Pa
     return os.fspath(directory)
 
 
-def recaption_task(config: Any, workdir: Any) -> dict[str, float]:
-    """The `recaption` task: config.recaption (`recaption_config()`), config.mllm (the MLLM section),
-    mllm_config (an experiments/captioner.py config that trains the embedded captioner when mllm.model_dir is
-    empty), data_dir (the corpus's TFDS data_dir when recaption.data.data_dir is unset), cache_dir. Writes
-    <workdir>/recaptions and prints the summary line."""
+def task_backend(config: Any) -> tuple[Any, str]:
+    """(a zero-argument callable building the MLLM of a corpus task's `config.mllm`, its description). With the
+    embedded backend and no mllm.model_dir, the callable first trains (once, cached) the captioner of
+    `config.mllm_config`."""
     from vlm_jax.mllm import make_backend  # noqa: PLC0415
 
-    check_recaption_config(config)
-    section = _task_section(config)
-    directory = os.path.join(os.fspath(workdir), "recaptions")
     mllm_section = config.mllm.to_dict()
-    if mllm_section["backend"] == "embedded" and not mllm_section["model_dir"]:
-        description = f"embedded, the captioner of mllm_config={config.mllm_config!r}"
-    else:
-        description = describe_backend(mllm_section)
+    trained = mllm_section["backend"] == "embedded" and not mllm_section["model_dir"]
+    description = (f"embedded, the captioner of mllm_config={config.mllm_config!r}" if trained
+                   else describe_backend(mllm_section))
 
-    def build():
-        if mllm_section["backend"] == "embedded" and not mllm_section["model_dir"]:
+    def build_backend():
+        if trained:
             from vlm_jax.methods import runner  # noqa: PLC0415
 
             mllm_section["model_dir"] = runner.captioner_dir(config)
         return make_backend(mllm_section)
 
+    return build_backend, description
+
+
+def recaption_task(config: Any, workdir: Any) -> dict[str, float]:
+    """The `recaption` task: config.recaption (`recaption_config()`), config.mllm (the MLLM section),
+    mllm_config (an experiments/captioner.py config that trains the embedded captioner when mllm.model_dir is
+    empty), data_dir (the corpus's TFDS data_dir when recaption.data.data_dir is unset), cache_dir. Writes
+    <workdir>/recaptions and prints the summary line."""
+    check_recaption_config(config)
+    section = _task_section(config)
+    directory = os.path.join(os.fspath(workdir), "recaptions")
+    build, description = task_backend(config)
     summary = recaption(section, build, directory, backend=description)
     print(summary_line(summary, directory), flush=True)
     metrics = {f"recaption/{name}": float(summary[name]) for name in ("written", "kept", "failed", "items_per_s")}
@@ -766,55 +541,6 @@ def recaption_task(config: Any, workdir: Any) -> dict[str, float]:
 
 
 # -- reading recaptions back ---------------------------------------------------------------------------------
-
-
-def _record_field(raw: bytes, key: str) -> Any:
-    """One field of a `vlm_jax.corpus/1` record, skipping the others' values unread (images)."""
-    import msgpack  # noqa: PLC0415
-
-    unpacker = msgpack.Unpacker(raw=False)
-    unpacker.feed(raw)
-    for _ in range(unpacker.read_map_header()):
-        if unpacker.unpack() == key:
-            return unpacker.unpack()
-        unpacker.skip()
-    return None
-
-
-def scan_ids(source: Any, id_key: str, chunk: int = 1024) -> list[str | None]:
-    """The normalized id of every record of `source` (None where it has none or cannot be read). ArrayRecord
-    corpora are read field by field (the image bytes are skipped); other sources record by record, in chunks
-    through `__getitems__` where the source has it."""
-    from vlm_jax.data.bad_input import BadRecordError  # noqa: PLC0415
-    from vlm_jax.data.corpora import ArrayRecordCorpusSource  # noqa: PLC0415
-
-    count = len(source)
-    if isinstance(source, ArrayRecordCorpusSource):
-        raw = source._records  # noqa: SLF001 - the raw records, so only the id field is unpacked
-        ids = []
-        for start in range(0, count, chunk):
-            for record in raw.__getitems__(list(range(start, min(count, start + chunk)))):
-                ids.append(normalize_id(_record_field(record, id_key)))
-        return ids
-
-    def one(index: int) -> str | None:
-        try:
-            return normalize_id(source[index].get(id_key))
-        except (BadRecordError, OSError, ValueError):
-            return None
-
-    if hasattr(source, "__getitems__"):
-        ids = []
-        for start in range(0, count, chunk):
-            indices = list(range(start, min(count, start + chunk)))
-            try:
-                records = source.__getitems__(indices)
-            except (BadRecordError, OSError, ValueError):
-                ids.extend(one(index) for index in indices)
-                continue
-            ids.extend(normalize_id(record.get(id_key)) for record in records)
-        return ids
-    return [one(index) for index in range(count)]
 
 
 class RecaptionedSource:
@@ -847,7 +573,7 @@ class RecaptionedSource:
         record = dict(self.source[index])
         text = self._texts[int(index)]
         if text is None:
-            text = _text(record.get(self.fallback_key)) if self.fallback_key else ""
+            text = record_text(record.get(self.fallback_key)) if self.fallback_key else ""
         record[self.key] = text
         return record
 
@@ -857,6 +583,6 @@ class RecaptionedSource:
 
 
 __all__ = ["MODES", "REASONS", "RecaptionedSource", "check_recaption_config", "check_recaption_section",
-           "filters_config", "pending", "quality_reason", "read_recaptions", "recaption", "recaption_config",
-           "recaption_dir", "recaption_task", "render_prompt", "scan_ids", "shapes_world_recaption_config",
-           "summarize", "summary_line"]
+           "filters_config", "normalize_id", "pending", "quality_reason", "read_recaptions", "recaption",
+           "recaption_config", "recaption_dir", "recaption_task", "render_prompt", "scan_ids",
+           "shapes_world_recaption_config", "summarize", "summary_line"]
