@@ -103,6 +103,18 @@ class ExampleDecoder(grain.transforms.RandomMap):
     drawn caption by a random subset of its sentences (at most `max_sentences`, 0: any number);
     `hard_negatives` (kinds, e.g. ("swap_attribute",)) adds "negative_ids" [L], the tokenized hard
     negative of the caption, and "negative_mask" (False where the caption has none).
+
+    Regions (`regions_key`, GRAIN): the record field holding an image's boxes and their texts in
+    the TFDS layout Shapes World stores ({"bbox": [n, 4] (ymin, xmin, ymax, xmax) normalized,
+    "description": [n] texts}; `vlm_jax.data.annotations.AnnotatedSource` gives annotation files
+    the same layout). The first `max_regions` boxes that stay inside the model input after
+    preprocessing (`preprocess.transform_boxes`) become "boxes" float32 [R, 4] (cx, cy, w, h)
+    normalized to the input, "box_mask" bool [R] and "region_ids" int32 [R, L] (their tokenized
+    descriptions; padding rows hold pad ids), R = `max_regions`; eval batches also get
+    "region_texts" str [R] ("" for padding). Boxes need augment "none": a random crop would move
+    them. `region_context_length` (0: the tokenizer's) tokenizes descriptions to fewer ids: short
+    descriptions then cost a fraction of a caption's text-tower FLOPs, and in a causal text tower
+    pooled at the end-of-text token (CLIP's) a description that fits embeds exactly as at full length.
     """
 
     spec: Any = None
@@ -122,6 +134,9 @@ class ExampleDecoder(grain.transforms.RandomMap):
     sentence_sampling: bool = False
     max_sentences: int = 0
     hard_negatives: tuple[str, ...] = ()
+    regions_key: str | None = None
+    max_regions: int = 5
+    region_context_length: int = 0
     on_bad_input: str = "skip"
     bad_input_kinds = BAD_INPUT_KINDS  # the kinds it can report, counted in every batch
 
@@ -138,6 +153,13 @@ class ExampleDecoder(grain.transforms.RandomMap):
         captions.check_negative_kinds(self.hard_negatives)
         if self.hard_negatives and (self.tokenizer is None or self.texts_per_example):
             raise ValueError("hard_negatives need a tokenizer and one caption per example (texts_per_example unset).")
+        if self.regions_key and (self.augment != "none" or self.tokenizer is None or self.max_regions < 1):
+            raise ValueError("regions need augment='none' (a random crop would move the boxes), a tokenizer and "
+                             f"max_regions >= 1; got augment={self.augment!r}, max_regions={self.max_regions}.")
+        if self.regions_key:
+            length = self.region_context_length
+            region_tokenizer = self.tokenizer.with_context_length(length) if length else self.tokenizer
+            object.__setattr__(self, "_region_tokenizer", region_tokenizer)
 
     def for_eval(self) -> ExampleDecoder:
         """This decoder as eval uses it: no augmentation, and a "mask" bool field."""
@@ -155,8 +177,39 @@ class ExampleDecoder(grain.transforms.RandomMap):
         if self.augment == "random_resized_crop":
             crop = augment_lib.random_resized_crop(pixels, rng, scale=self.crop_scale, ratio=self.crop_ratio)
             squash = dataclasses.replace(self.spec, resize="squash", crop=False, resize_size=None)
-            return np.asarray(preprocess_image(crop, squash), np.float32)
-        return np.asarray(preprocess_image(pixels, self.spec), np.float32)
+            return np.asarray(preprocess_image(crop, squash), np.float32), pixels.shape[:2]
+        return np.asarray(preprocess_image(pixels, self.spec), np.float32), pixels.shape[:2]
+
+    def _regions(self, record, element, example, shape):
+        from vlm_jax.data.preprocess import transform_boxes  # noqa: PLC0415
+
+        regions = record.get(self.regions_key)
+        if not isinstance(regions, Mapping) or "bbox" not in regions or "description" not in regions:
+            return self._bad("missing_field", element, f"no {self.regions_key!r} field with bbox and description",
+                             record)
+        yxyx = np.asarray(regions["bbox"], np.float32).reshape(-1, 4)
+        try:
+            texts = [_as_text(text) or "" for text in regions["description"]]
+        except UnicodeDecodeError as error:
+            return self._bad("undecodable_text", element, _not_utf8(self.regions_key, error), record)
+        if len(texts) != len(yxyx):
+            return self._bad("missing_field", element, f"{len(yxyx)} boxes but {len(texts)} descriptions", record)
+        boxes, keep = transform_boxes(yxyx[:, [1, 0, 3, 2]], shape[0], shape[1], self.spec)
+        keep &= np.asarray([bool(text.strip()) for text in texts], bool)
+        chosen = np.flatnonzero(keep)[: self.max_regions]
+        count, xyxy = len(chosen), boxes[chosen]
+        out = np.zeros((self.max_regions, 4), np.float32)
+        kept = [texts[i].strip() for i in chosen]
+        tokenizer = self._region_tokenizer
+        ids = np.full((self.max_regions, tokenizer.context_length), tokenizer.pad_id, np.int32)
+        if count:
+            out[:count] = np.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2,
+                                    xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], axis=1)
+            ids[:count] = tokenizer(kept)
+        example["boxes"], example["box_mask"], example["region_ids"] = out, np.arange(self.max_regions) < count, ids
+        if self.with_mask or self.keep_text:
+            example["region_texts"] = np.asarray(kept + [""] * (self.max_regions - count), dtype=object)
+        return None
 
     def random_map(self, element: Fetched, rng: np.random.Generator):
         record = element.record
@@ -172,9 +225,13 @@ class ExampleDecoder(grain.transforms.RandomMap):
             if raw is None:
                 return self._bad("missing_field", element, f"no {self.image_key!r} field", record)
             try:
-                example["image"] = self._image(raw, rng)
+                example["image"], original_shape = self._image(raw, rng)
             except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as error:
                 return self._bad("corrupt_image", element, f"{type(error).__name__}: {error}", record)
+            if self.regions_key:
+                bad = self._regions(record, element, example, original_shape)
+                if bad is not None:
+                    return bad
         if self.text_keys:
             if self.texts_per_example:
                 bad = self._all_texts(record, element, example)

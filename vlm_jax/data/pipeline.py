@@ -333,7 +333,12 @@ def default_config() -> ml_collections.ConfigDict:
       sentence_sampling (bool), max_sentences (0: no cap): train on a random subset of a caption's
         sentences; hard_negatives (kinds, e.g. ("swap_attribute",)): a rule-made negative caption
         per example ("negative_ids", "negative_mask"); see `vlm_jax.data.captions`.
+    Regions: regions_key (the field with "bbox" and "description" lists, e.g. Shapes World's
+      "regions"; "": none), max_regions (R), region_context_length (0: the tokenizer's): "boxes",
+      "box_mask", "region_ids" per example (see `ExampleDecoder`).
     Reading:
+      max_examples: the source's first N records only (0: all), e.g. a training subset every row
+        of an experiment shares,
       shuffle, num_epochs (None: repeat forever), worker_count (grain worker processes; 0: in
       process), worker_buffer_size (batches per worker), read_threads, read_buffer_size.
     Bad input:
@@ -365,6 +370,10 @@ def default_config() -> ml_collections.ConfigDict:
             "sentence_sampling": False,
             "max_sentences": 0,
             "hard_negatives": (),
+            "regions_key": "",
+            "max_regions": 5,
+            "region_context_length": 0,
+            "max_examples": 0,
             "shuffle": True,
             "num_epochs": ml_collections.FieldReference(None, field_type=int),
             "worker_count": 0,
@@ -381,8 +390,30 @@ def _field(config: Mapping[str, Any] | ml_collections.ConfigDict, name: str) -> 
     return config.get(name, default_config()[name])
 
 
+class Head:
+    """The first `count` records of a random-access source."""
+
+    def __init__(self, source: Any, count: int):
+        self.source, self.count = source, min(count, len(source))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, row: int) -> Any:
+        if not 0 <= row < self.count:
+            raise IndexError(row)
+        return self.source[row]
+
+
 def make_source(config: Mapping[str, Any] | ml_collections.ConfigDict, *, split: str | None = None) -> Any:
-    """Builds the random-access source a data config describes (see `default_config`)."""
+    """Builds the random-access source a data config describes (see `default_config`), cut to its
+    first `max_examples` records when that is set."""
+    source = _open_source(config, split)
+    limit = int(_field(config, "max_examples") or 0)
+    return Head(source, limit) if limit else source
+
+
+def _open_source(config: Mapping[str, Any] | ml_collections.ConfigDict, split: str | None) -> Any:
     from vlm_jax.data import corpora  # noqa: PLC0415 - keeps the pipeline import light
 
     kind = _field(config, "source")
@@ -482,6 +513,9 @@ def make_decoder(config, preprocess, tokenizer) -> ExampleDecoder:
         sentence_sampling=bool(_field(config, "sentence_sampling")),
         max_sentences=int(_field(config, "max_sentences")),
         hard_negatives=tuple(_field(config, "hard_negatives")),
+        regions_key=_field(config, "regions_key") or None,
+        max_regions=int(_field(config, "max_regions")),
+        region_context_length=int(_field(config, "region_context_length")),
         on_bad_input=_field(config, "on_bad_input"),
     )
 
@@ -538,6 +572,6 @@ def make_eval_iterator(
 
 
 __all__ = ["ARRAY_BAD_INPUT_KINDS", "BAD_INPUT_KINDS", "ArrayDecoder", "ArraySource", "BadInputCounter",
-           "BadInputError", "BadRecordError", "BatchMap", "ExampleDecoder", "WeightedSource", "decode_image",
+           "BadInputError", "BadRecordError", "BatchMap", "ExampleDecoder", "Head", "WeightedSource", "decode_image",
            "default_config", "eval_dataset", "make_decoder", "make_eval_iterator", "make_source", "make_train_iterator",
            "per_process_batch_size", "resolve_process", "train_dataset", "train_mixture"]

@@ -255,3 +255,36 @@ def resize_and_crop(image: PIL.Image.Image | np.ndarray, spec: PreprocessSpec) -
 def preprocess_images(images, spec: PreprocessSpec) -> np.ndarray:
     """Stacks `preprocess_image` over a sequence of B images: float32 [B, S, S, 3]."""
     return np.stack([preprocess_image(image, spec) for image in images])
+
+
+def transform_boxes(boxes: np.ndarray, height: int, width: int, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes of an H x W image, through `resize_and_crop`: where they land in the model's input.
+
+    Args:
+      boxes: float [N, 4] (x0, y0, x1, y1) normalized to [0, 1] by the original width and height.
+      height, width: the original image's size in pixels.
+      spec: the preprocessing the image goes through.
+    Returns:
+      (float32 [N, 4] (x0, y0, x1, y1) normalized to [0, 1] of the S x S input, clipped to it;
+      bool [N]: the box keeps a positive width and height inside the input after the crop).
+    """
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    resized_h, resized_w = _resized_shape(height, width, spec)
+    size = spec.image_size
+
+    def axis(length: int) -> tuple[float, float]:
+        # Pixel offset of the resized image inside the crop window (see `_center_crop`): negative
+        # when the crop cuts into the image, positive when it pads around a smaller one.
+        if not spec.crop:
+            return length, 0.0
+        pad = math.ceil((max(size, length) - length) / 2)
+        return length, float(pad - max(0, (length - size) // 2 + pad))
+
+    out_size = size if spec.crop else None
+    (scale_y, offset_y), (scale_x, offset_x) = axis(resized_h), axis(resized_w)
+    extent_y, extent_x = (out_size or resized_h), (out_size or resized_w)
+    x = (boxes[:, [0, 2]] * scale_x + offset_x) / extent_x
+    y = (boxes[:, [1, 3]] * scale_y + offset_y) / extent_y
+    out = np.clip(np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], axis=1), 0.0, 1.0).astype(np.float32)
+    keep = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
+    return out, keep

@@ -197,6 +197,12 @@ class Tokenizer:
             tok, context_length=context_length, tokenizer_class=tokenizer_class, extra_config=extra_config, **tokens
         )
 
+    def with_context_length(self, context_length: int) -> Tokenizer:
+        """The same tokenizer returning rows of `context_length` ids (longer texts are truncated)."""
+        return Tokenizer(self._tokenizer, context_length=context_length, pad_token=self.pad_token,
+                         eos_token=self.eos_token, bos_token=self.bos_token, unk_token=self.unk_token,
+                         tokenizer_class=self.tokenizer_class, extra_config=self._extra_config)
+
     def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
         """Tokenizes to fixed length.
 

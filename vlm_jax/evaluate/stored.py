@@ -30,21 +30,6 @@ PROMPT_EMBEDDINGS = "prompt_embeddings.npy"
 PROMPT_TEXTS = "prompts.json"
 
 
-class Head:
-    """The first `count` records of a random-access source."""
-
-    def __init__(self, source: Any, count: int):
-        self.source, self.count = source, min(count, len(source))
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, row: int) -> Any:
-        if not 0 <= row < self.count:
-            raise IndexError(row)
-        return self.source[row]
-
-
 def _build_config(spec, embed: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """The memory-builder section that stores one eval set's embeddings."""
     build = memory_build.memory_config()
@@ -74,7 +59,7 @@ def store_eval_embeddings(spec, pretrained, directory: epath.PathLike, embed: Ma
     from vlm_jax.evaluate.views import pixel_view  # noqa: PLC0415
 
     directory = epath.Path(directory)
-    source = Head(pipeline.make_source(spec.data), spec.max_examples) if spec.max_examples else None
+    source = pipeline.Head(pipeline.make_source(spec.data), spec.max_examples) if spec.max_examples else None
     memory_build.build_memory(_build_config(spec, embed), pretrained.model, pretrained.preprocess,
                               pretrained.tokenizer, directory, source=source)
     if spec.type != "zero_shot":

@@ -30,7 +30,6 @@ from etils import epath
 
 from vlm_jax.config_lib import ConfigError, check_fields, require_data_files, require_eval_files, require_path
 from vlm_jax.data import captions, pipeline
-from vlm_jax.evaluate.stored import Head
 from vlm_jax.methods import runner
 from vlm_jax.methods.clip import ClipMethod, model_config_dict
 from vlm_jax.models.clip import CLIPConfig
@@ -73,7 +72,7 @@ class RecapMethod(ClipMethod):
         data, source = super().train_source(config)
         p = float(config.recap.p)
         if config.recap.examples:
-            source = Head(source if source is not None else pipeline.make_source(data), int(config.recap.examples))
+            source = pipeline.Head(source if source is not None else pipeline.make_source(data), int(config.recap.examples))
         if p >= 1.0:
             return data, source
         base = source if source is not None else pipeline.make_source(data)
