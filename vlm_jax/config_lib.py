@@ -135,8 +135,9 @@ def require_benchmark_path(spec: Any, where: str) -> epath.Path:
 
 
 def require_eval_files(evals: Any) -> None:
-    """`require_data_files` for the data section of every eval spec (`evals.<name>.data`), and
-    `require_benchmark_path` for the specs that read a benchmark's files."""
+    """`require_data_files` for the data section of every eval spec (`evals.<name>.data`),
+    `require_benchmark_path` for the specs that read a benchmark's files, and the descriptor file
+    of a descriptions spec (`descriptors` a path)."""
     for name, spec in _as_dict(evals or {}).items():
         if not isinstance(spec, (Mapping, ml_collections.ConfigDict)):
             continue
@@ -144,6 +145,14 @@ def require_eval_files(evals: Any) -> None:
             require_data_files(spec["data"], f"evals.{name}.data")
         if spec.get("type") in BENCHMARK_FILES:
             require_benchmark_path(spec, f"evals.{name}")
+        descriptors = str(spec.get("descriptors", "") or "")
+        if spec.get("among") and not spec.get("subsets"):
+            raise ConfigError(f"evals.{name}.among={spec.get('among')!r} names a class subset, but evals.{name}.subsets "
+                              "is empty; set it (e.g. 'frequency').")
+        if spec.get("type") == "descriptions" and descriptors not in ("", "builder", "builder:attributes") \
+                and not descriptors.startswith("mllm:"):
+            # "mllm:<path>" is written on first use; a plain path must be there.
+            require_path(descriptors, "the descriptor file", field=f"evals.{name}.descriptors")
 
 
 class MapOf:

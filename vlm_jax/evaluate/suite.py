@@ -35,11 +35,38 @@ publishes from `path`, images from `image_dir` ("": where the benchmark ships th
         data=dict(tfds_name="shapes_world/default", split="eval_compositional"),
     )
 
+Classification by description (`evaluate.descriptions`, GRAIN's zero-shot rule) takes the
+zero-shot fields and its own; the region evaluator reads boxes and region descriptions:
+
+    config.evals.cars_descriptions = dict(
+        type="descriptions",
+        data=dict(dataset="cars", split="test"),
+        descriptors="/data/descriptors/cars.json",   # {class name: [descriptors]} | "builder" | "mllm:<path>" | ""
+        region_weight=0.0,            # (1 - w) * global + w * region score; > 0 needs a view with regions
+        among="",                     # a subset name: a closed set of its classes (with subsets="frequency":
+                                      # "novel" scores novel images among the novel classes only)
+        descriptor_prompt="",         # "mllm:<path>": the question per class ("{}" = class name; "": the default)
+        mllm=dict(backend="openai", base_url="http://localhost:8000/v1", model="..."),   # mllm_config() fields
+    )
+    config.evals.shapes_regions = dict(
+        type="regions",               # boxes "boxes", "box_mask" and descriptions "region_texts" [B, R]
+        data=dict(tfds_name="shapes_world/default", split="eval_retrieval", regions_key="regions"),
+    )
+
+`descriptors`: a JSON file's path; "builder" for Shapes World (each entity's description, "is a
+striped red star"; "builder:attributes": one descriptor per colour, pattern and shape); "mllm:<path>" the file at path, written first (text-only requests to `mllm`,
+which must be an OpenAI-compatible text endpoint) when it is not there; "" no descriptors (each class
+scored by its templates alone, the mean of their similarities). Metrics: descriptions `top1`, `top5`,
+`mean_per_class_recall`, `top1_<subset>` (and `top1_global` when region_weight > 0); regions
+`mean_iou`, `recall@0.5`, `description_accuracy`, `regions` (boxes scored). Region scores need the
+model's region queries, so `regions` and `region_weight` > 0 cannot read stored embeddings
+(`stored_dir`); descriptions with region_weight 0 can (`class_names_and_texts` gives the prompts to store).
+
 `path` is the benchmark's folder or its one file (SugarCrepe: the folder); `categories` picks
 SugarCrepe files or Shapes World negative kinds; `seed` seeds the Order shuffles; `max_examples`,
 `batch_size` and `pred` mean what they mean above (`stored_dir` does not apply). A missing `path` is a
-one-line ConfigError (`config_lib.require_eval_files`) before anything runs. Metrics: sugarcrepe
-`<category>`, `mean`, `add`, `replace`, `swap`; aro_relation `macro`, `micro`, `relations`;
+one-line ConfigError (`config_lib.require_eval_files`) before anything runs (as is a missing descriptor
+file). Metrics: sugarcrepe `<category>`, `mean`, `add`, `replace`, `swap`; aro_relation `macro`, `micro`, `relations`;
 aro_attribution `macro`, `micro`, `pairs`; coco_order and flickr30k_order `accuracy`; winoground
 `text`, `image`, `group`; long_retrieval `{image,text}_retrieval_recall@{1,5,10}`, `context_length`,
 `truncated`; shapes_compositional `<kind>`, `mean`.
@@ -59,12 +86,16 @@ from typing import Any
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from vlm_jax.config_lib import ConfigError, check_fields
 from vlm_jax.data import datasets, pipeline
-from vlm_jax.evaluate import compositional, stored
+from vlm_jax.evaluate import compositional, descriptions, region_boxes, stored  # noqa: F401 - registers evaluators
 from vlm_jax.evaluate.common import Evaluator, get_evaluator, skip_footnote
 from vlm_jax.evaluate.views import View, pixel_view, stored_view
+from vlm_jax.mllm.config import mllm_config
+
+TYPES = ("zero_shot", "retrieval", "descriptions", "regions")
 
 
 def eval_spec(**overrides: Any) -> ml_collections.ConfigDict:
@@ -84,15 +115,22 @@ def eval_spec(**overrides: Any) -> ml_collections.ConfigDict:
             "image_dir": "",
             "categories": (),
             "seed": 0,
+            "descriptors": "",
+            "region_weight": 0.0,
+            "among": "",
+            "descriptor_prompt": "",
+            "mllm": mllm_config(),
         }
     )
     spec.data.shuffle = False
     check_fields(overrides, spec, "eval spec")
-    data_overrides = dict(overrides.pop("data", {}))
+    overrides = dict(overrides)
+    sections = {name: dict(overrides.pop(name, None) or {}) for name in ("data", "mllm")}
     spec.update(overrides)
-    for key, value in data_overrides.items():
-        # Assignment (unlike update) accepts a FieldReference, e.g. a config-wide data_dir.
-        setattr(spec.data, key, value)
+    for name, section in sections.items():
+        for key, value in section.items():
+            # Assignment (unlike update) accepts a FieldReference, e.g. a config-wide data_dir.
+            setattr(spec[name], key, value)
     return spec
 
 
@@ -127,7 +165,7 @@ def _batches(spec, preprocess, tokenizer) -> Callable[[], Iterable[dict[str, np.
     _register_builder(spec.data.tfds_name)
     source = pipeline.make_source(spec.data)
     if spec.max_examples:
-        source = stored.Head(source, spec.max_examples)
+        source = pipeline.Head(source, spec.max_examples)
 
     def batches():
         return pipeline.make_eval_iterator(
@@ -179,28 +217,102 @@ def class_subsets(spec) -> dict[str, np.ndarray]:
     return _class_subsets(entry, spec.subsets, spec.data.tfds_name or entry.tfds_name or "") or {}
 
 
+def class_descriptors(name: str, spec, entry: datasets.DatasetEntry, class_names: list[str]) -> Any:
+    """A descriptions spec's descriptors per class (see the module docstring for `descriptors`)."""
+    source = str(spec.descriptors)
+    if not source:
+        # No descriptors: every class scored by its templates alone ("a photo of a {}." as written).
+        return None
+    if source in ("builder", "builder:attributes"):
+        if entry.builder_module != "vlm_jax.data.shapes_world":
+            raise ConfigError(f"evals.{name}.descriptors={source!r} is defined for Shapes World only, not "
+                              f"{entry.name!r}; give a descriptor file.")
+        return descriptions.shapes_world_descriptors(class_names, "attributes" if source.endswith(":attributes")
+                                                     else "description")
+    path = source
+    if source.startswith("mllm:"):
+        path = source[len("mllm:"):]
+        if not path:
+            raise ConfigError(f"evals.{name}.descriptors='mllm:' names no file; use 'mllm:<path>'.")
+        if not epath.Path(path).exists():
+            from vlm_jax.mllm import make_backend  # noqa: PLC0415
+
+            if spec.mllm.backend != "openai":
+                raise ConfigError(f"evals.{name}.descriptors={source!r}: writing descriptors takes text-only "
+                                  f"requests; set evals.{name}.mllm.backend='openai' (an OpenAI-compatible endpoint).")
+            logging.info("Writing descriptors of %d classes to %s.", len(class_names), path)
+            descriptions.write_descriptors(class_names, make_backend(spec.mllm), path,
+                                           spec.descriptor_prompt or descriptions.DEFAULT_PROMPT)
+    try:
+        return descriptions.read_descriptors(path, class_names)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"evals.{name}.descriptors: {error}") from None
+
+
+def class_names_and_texts(spec, name: str = "") -> tuple[list[str], Any]:
+    """A zero_shot or descriptions spec's class names and the prompts its classifier embeds: the
+    templates (zero_shot), or per class its description texts (descriptions); what
+    `stored.store_eval_embeddings` needs to store a spec's prompts."""
+    class_names, templates = class_names_and_templates(spec)
+    if spec.type != "descriptions":
+        return class_names, templates
+    entry = _registry_entry(spec.classes or spec.data.dataset)
+    return class_names, descriptions.class_texts(class_names, templates,
+                                                 class_descriptors(name or "spec", spec, entry, class_names))
+
+
+def check_among(evals: Mapping[str, Any]) -> None:
+    """One-line ConfigErrors for an `among` that names no class subset of its spec, before any work."""
+    for name, spec in evals.items():
+        spec = eval_spec(**(spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)))
+        if spec.among:
+            _among(name, spec, class_subsets(spec) if spec.type in ("zero_shot", "descriptions") else {})
+
+
+def _among(name: str, spec, subsets) -> np.ndarray | None:
+    if not spec.among:
+        return None
+    if spec.type not in ("zero_shot", "descriptions"):
+        raise ConfigError(f"evals.{name}.among applies to zero_shot and descriptions specs, not {spec.type!r}.")
+    if spec.among not in (subsets or {}):
+        raise ConfigError(f"evals.{name}.among={spec.among!r} is not one of the class subsets "
+                          f"{sorted(subsets or {})} (set `subsets`, e.g. 'frequency').")
+    return subsets[spec.among]
+
+
 def build_evaluator(name: str, spec: Mapping[str, Any], preprocess, tokenizer, views: Views = clip_views) -> SpecEvaluator:
     """The evaluator one spec describes, scoring the view `spec.pred` of the model it runs on."""
     spec = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
     check_fields(spec, eval_spec(), f"evals.{name}")
     spec = eval_spec(**spec)
+    if spec.type not in ("zero_shot", "descriptions"):
+        _among(name, spec, {})  # a one-line error where `among` would mean nothing
     if spec.type in compositional.TYPES:
         evaluator = compositional.build(name, spec, preprocess, tokenizer)
         inputs = lambda encoder: pixel_view(encoder, tokenizer, int(spec.batch_size))  # noqa: E731
         return SpecEvaluator(name, spec, evaluator, inputs, views)
-    if spec.type not in ("zero_shot", "retrieval"):
-        raise ConfigError(f"evals.{name}.type={spec.type!r} is not one of "
-                          f"{['zero_shot', 'retrieval', *compositional.TYPES]}.")
+    if spec.type not in TYPES:
+        raise ConfigError(f"evals.{name}.type={spec.type!r} is not one of {[*TYPES, *compositional.TYPES]}.")
+    if spec.stored_dir and (spec.type == "regions" or float(spec.region_weight) > 0):
+        raise ConfigError(f"evals.{name}: region scores read the model's region queries, which stored embeddings "
+                          "lack; set stored_dir='' (or region_weight=0).")
     batches = _batches(spec, preprocess, tokenizer)
-    if spec.type == "zero_shot":
+    if spec.type in ("zero_shot", "descriptions"):
         entry = _registry_entry(spec.classes or spec.data.dataset)
         if not spec.data.label_key:
             spec.data.label_key = entry.label_key
         class_names, templates = class_names_and_templates(spec)
-        evaluator = get_evaluator(
-            "zero_shot", data=batches, class_names=class_names, templates=templates,
-            subsets=_class_subsets(entry, spec.subsets, spec.data.tfds_name or entry.tfds_name or ""),
-        )
+        subsets = _class_subsets(entry, spec.subsets, spec.data.tfds_name or entry.tfds_name or "")
+        if spec.type == "zero_shot":
+            evaluator = get_evaluator("zero_shot", data=batches, class_names=class_names, templates=templates,
+                                      subsets=subsets, among=_among(name, spec, subsets))
+        else:
+            evaluator = get_evaluator("descriptions", data=batches, class_names=class_names, templates=templates,
+                                      descriptors=class_descriptors(name, spec, entry, class_names),
+                                      subsets=subsets, region_weight=float(spec.region_weight),
+                                      among=_among(name, spec, subsets))
+    elif spec.type == "regions":
+        evaluator = get_evaluator("regions", data=batches)
     else:
         if not spec.stored_dir and (not spec.data.text_keys or not spec.data.texts_per_example):
             raise ConfigError(f"evals.{name}: retrieval needs data.text_keys and data.texts_per_example.")

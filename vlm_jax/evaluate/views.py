@@ -11,6 +11,9 @@ Two kinds of inputs start a view:
   - `stored_view(prompts)`: embeddings the memory builder stored, read from the batch's
     "image_embedding" [B, D] and "text_embedding" [B, C, D]; prompts looked up by text
     (`StoredPrompts`). Exact for a frozen model, whose towers would compute the same again.
+A view may also offer `regions(batch)`: (boxes float32 [B, Q, 4] (cx, cy, w, h) normalized to [0, 1]
+of the model's input image, unit float32 region embeddings [B, Q, D]), read by the region-aware
+evaluators (`evaluate.descriptions`); `pixel_view` sets it when the model has `encode_regions`.
 `View.refined(image_fn, text_fn)` composes a per-modality map of embeddings [N, D] -> [N, D] on top
 (RECO's fusion), run in fixed-size jitted batches.
 """
@@ -18,6 +21,7 @@ Two kinds of inputs start a view:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -26,22 +30,26 @@ import numpy as np
 from flax import nnx
 
 from vlm_jax.memory.store import unit_rows
+from vlm_jax.models.layers import l2_normalize
 
 Batch = Mapping[str, np.ndarray]
 EmbeddingMap = Callable[[jax.Array], jax.Array]  # a jitted map of embeddings [b, D] -> [b, D]
+Regions = Callable[[Batch], tuple[np.ndarray, np.ndarray]]  # batch -> (boxes [B, Q, 4], unit embeddings [B, Q, D])
 
 
 @dataclasses.dataclass(frozen=True)
 class View:
-    """Unit float32 embeddings of an evaluation batch's images and captions, and of prompt texts."""
+    """Unit float32 embeddings of an evaluation batch's images and captions, and of prompt texts;
+    optionally the region queries' boxes and unit embeddings (`regions`, None when the model has none)."""
 
     images: Callable[[Batch], np.ndarray]
     captions: Callable[[Batch], np.ndarray]
     prompts: Callable[[Sequence[str]], np.ndarray]
+    regions: Regions | None = None
 
     def refined(self, image_fn: EmbeddingMap | None, text_fn: EmbeddingMap | None, batch_size: int = 256) -> "View":
         """This view followed by `image_fn` on image embeddings and `text_fn` on caption and prompt
-        embeddings (None: unchanged); outputs are L2-normalized again."""
+        embeddings (None: unchanged); outputs are L2-normalized again. `regions` is kept unchanged."""
         image_map = _batched(image_fn, batch_size)
         text_map = _batched(text_fn, batch_size)
 
@@ -50,7 +58,7 @@ class View:
             return text_map(embeddings.reshape(-1, embeddings.shape[-1])).reshape(embeddings.shape)
 
         return View(images=lambda batch: image_map(self.images(batch)), captions=captions,
-                    prompts=lambda texts: text_map(self.prompts(texts)))
+                    prompts=lambda texts: text_map(self.prompts(texts)), regions=self.regions)
 
 
 def _batched(function: EmbeddingMap | None, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -76,7 +84,7 @@ def _batched(function: EmbeddingMap | None, batch_size: int) -> Callable[[np.nda
 
 def pixel_view(model: nnx.Module, tokenizer: Callable[[Sequence[str]], np.ndarray], batch_size: int = 256) -> View:
     """The model's own towers: `model.encode_image` on "image", `model.encode_text` on "text_ids"
-    [B, C, L] and on tokenized prompts."""
+    [B, C, L] and on tokenized prompts; `model.encode_regions` on "image" where the model has it."""
     from vlm_jax.evaluate.common import BatchedEncoder  # noqa: PLC0415 - common imports the evaluators' registry
 
     encode_images = BatchedEncoder(model, "encode_image", batch_size)
@@ -89,8 +97,43 @@ def pixel_view(model: nnx.Module, tokenizer: Callable[[Sequence[str]], np.ndarra
         embeddings = encode_texts(text_ids.reshape(-1, text_ids.shape[-1]))
         return embeddings.reshape(*text_ids.shape[:2], -1)
 
+    regions = None
+    if hasattr(model, "encode_regions"):
+        encode_regions = RegionEncoder(model, batch_size)
+        regions = lambda batch: encode_regions(batch["image"])  # noqa: E731
     return View(images=lambda batch: encode_images(batch["image"]), captions=captions,
-                prompts=lambda texts: encode_texts(tokenizer(list(texts))))
+                prompts=lambda texts: encode_texts(tokenizer(list(texts))), regions=regions)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _encode_regions(graphdef: nnx.GraphDef, state: nnx.State, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    boxes, embeddings = nnx.merge(graphdef, state).encode_regions(pixels)
+    # Zero padding rows must not produce NaNs on the way (they are dropped).
+    return boxes.astype(jnp.float32), l2_normalize(embeddings.astype(jnp.float32), eps=1e-12)
+
+
+class RegionEncoder:
+    """`model.encode_regions` on images [N, H, W, 3] in fixed-size jitted batches (the last one padded
+    with zeros and its padding dropped): (boxes float32 [N, Q, 4], unit float32 embeddings [N, Q, D])."""
+
+    def __init__(self, model: nnx.Module, batch_size: int):
+        self.graphdef, self.state = nnx.split(model)
+        self.batch_size = batch_size
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        images = np.asarray(images)
+        if not len(images):
+            raise ValueError("Nothing to encode: the input is empty.")
+        boxes, embeddings = [], []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            rows = len(chunk)
+            if rows < self.batch_size:
+                chunk = np.concatenate([chunk, np.zeros((self.batch_size - rows, *chunk.shape[1:]), chunk.dtype)])
+            chunk_boxes, chunk_embeddings = _encode_regions(self.graphdef, self.state, jnp.asarray(chunk))
+            boxes.append(np.asarray(chunk_boxes)[:rows])
+            embeddings.append(np.asarray(chunk_embeddings)[:rows])
+        return np.concatenate(boxes), np.concatenate(embeddings)
 
 
 class StoredPrompts:

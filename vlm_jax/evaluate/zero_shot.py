@@ -115,6 +115,23 @@ def classification_metrics(
     return metrics
 
 
+def closed_set(scores: Sequence[np.ndarray], labels: np.ndarray, among: Sequence[int],
+               subsets: Mapping[str, Sequence[int]] | None = None):
+    """Scores restricted to a closed set of classes: the rows whose label is in `among`, the columns of
+    `among`, labels and subsets renumbered to positions in it. -> (scores, labels, subsets)."""
+    among = np.asarray(sorted(int(c) for c in among), np.int64)
+    if not len(among):
+        raise ValueError("among names no classes.")
+    keep = np.isin(labels, among)
+    if not keep.any():
+        raise ValueError("No evaluated image belongs to the classes of `among`.")
+    position = {int(c): i for i, c in enumerate(among)}
+    renumbered = np.asarray([position[int(label)] for label in labels[keep]])
+    kept = tuple(np.asarray(part)[keep][:, among] for part in scores)
+    subsets = {key: [position[int(c)] for c in ids if int(c) in position] for key, ids in (subsets or {}).items()}
+    return kept, renumbered, subsets
+
+
 @register_evaluator("zero_shot")
 class ZeroShotEvaluator:
     """Zero-shot classification over a labelled image set.
@@ -128,6 +145,7 @@ class ZeroShotEvaluator:
       templates: see `class_prompts`.
       subsets: optional name -> class ids for per-subset top-1 (e.g. {"common": [...], "rare": [...]}).
       prefix: prepended to every metric name.
+      among: optional class ids: score only their images, predicting among them alone (a closed set).
     """
 
     def __init__(
@@ -137,10 +155,11 @@ class ZeroShotEvaluator:
         templates: Prompts,
         subsets: Mapping[str, Sequence[int]] | None = None,
         prefix: str = "",
+        among: Sequence[int] | None = None,
     ):
         self.data = data
         self.class_names, self.templates = list(class_names), templates
-        self.subsets, self.prefix = subsets, prefix
+        self.subsets, self.prefix, self.among = subsets, prefix, among
 
     def run(self, view: View) -> dict[str, float]:
         classifier = zero_shot_classifier(view.prompts, self.class_names, self.templates)
@@ -153,6 +172,10 @@ class ZeroShotEvaluator:
         evaluated = sum(len(part) for part in labels)
         if not evaluated:
             raise ValueError(f"The zero-shot data yielded no examples to score (skipped as bad input: {skipped}).")
-        metrics = classification_metrics(np.concatenate(logits), np.concatenate(labels), self.subsets)
+        logits, labels, subsets = np.concatenate(logits), np.concatenate(labels), self.subsets
+        if self.among is not None:
+            (logits,), labels, subsets = closed_set((logits,), labels, self.among, subsets)
+            evaluated = len(labels)
+        metrics = classification_metrics(logits, labels, subsets)
         metrics.update(skip_metrics(skipped, evaluated))
         return {self.prefix + name: value for name, value in metrics.items()}
