@@ -301,3 +301,53 @@ def count_events(rankings: Iterable[Ranking]) -> dict[str, int]:
         for event in ranking.events:
             counts[event] += 1
     return counts
+
+
+# -- short descriptions (GRAIN's annotation pipeline) -------------------------------------------------------
+
+def normalize_text(text: str) -> str:
+    """A description as queries are matched: lowercased, whitespace collapsed, a trailing full stop dropped."""
+    return re.sub(r"\s+", " ", str(text)).strip().lower().rstrip(".").strip()
+
+
+_LINE_SPLIT = re.compile(r"[\n;\u2022]+")
+_MARKER_SPLIT = re.compile(r"(?:^|\s)\(?\d{1,2}[.)](?:\s+|$)|^\s*[-*]\s+")
+_EDGES = " \t\"'`*_-:.,!?()[]{}"
+
+
+def trim_description(text: str, cut: Sequence[str] = (), drop: Sequence[str] = ()) -> str:
+    """`text` up to the first phrase of `cut` (whole words, case-insensitive), without the words of `drop`:
+    a scene captioner's "a large striped red star above a small blue ring" with cut ("above", ...) and drop
+    ("large", "small") reads "a striped red star"."""
+    for phrase in cut:
+        match = re.search(rf"\b{re.escape(phrase)}\b", text, flags=re.IGNORECASE)
+        if match:
+            text = text[:match.start()]
+    dropped = {word.lower() for word in drop}
+    return " ".join(word for word in text.split() if word.lower() not in dropped).strip()
+
+
+def parse_descriptions(answer: str, max_descriptions: int = 10, max_words: int = 12, *, cut: Sequence[str] = (),
+                       drop: Sequence[str] = ()) -> list[str]:
+    """The short descriptions of an MLLM answer: split on newlines, semicolons, bullets and numbered-list markers
+    ("1.", "2)"), edges stripped of quotes and punctuation, a lead-in ending in ":" dropped, each trimmed by
+    `trim_description(cut, drop)`, duplicates (compared lowercased, whitespace collapsed) dropped, empties and
+    those of more than `max_words` words dropped; at most `max_descriptions`, in order."""
+    kept: list[str] = []
+    seen: set[str] = set()
+    parts = [piece for line in _LINE_SPLIT.split(answer or "") for piece in _MARKER_SPLIT.split(line)]
+    for part in parts:
+        part = part.strip()
+        if not part or part.endswith(":"):
+            continue
+        text = re.sub(r"\s+", " ", part.strip(_EDGES)).strip()
+        if cut or drop:
+            text = trim_description(text, cut, drop).strip(_EDGES).strip()
+        key = normalize_text(text)
+        if not key or key in seen or len(text.split()) > max_words:
+            continue
+        seen.add(key)
+        kept.append(text)
+        if len(kept) >= max_descriptions:
+            break
+    return kept
