@@ -51,7 +51,9 @@ TASKS = {
     "captioner": "vlm_jax.methods:captioner_task",
     "rar": "vlm_jax.methods.rar:rar_task",
     "recap": "vlm_jax.methods.recap:recap_task",
+    "grain": "vlm_jax.methods.grain_clip:grain_task",
     "recaption": "vlm_jax.mllm.recaption:recaption_task",
+    "annotate": "vlm_jax.mllm.annotate:annotate_task",
 }
 
 

@@ -24,6 +24,7 @@ METHODS = {
     "reco": "vlm_jax.methods.reco:RecoMethod",
     "captioner": "vlm_jax.mllm.training:CaptionerMethod",  # the embedded MLLM (experiments/captioner.py)
     "recap": "vlm_jax.methods.recap:RecapMethod",  # CLIP on a caption/recaption mixture (experiments/recap.py)
+    "grain": "vlm_jax.methods.grain_clip:GrainMethod",  # region queries over image tokens (experiments/grain_clip.py)
 }
 
 

@@ -344,7 +344,8 @@ def summarize(baseline_metrics: Mapping[str, float], runs: Mapping[str, Sequence
     results = {f"baseline/{metric}": float(baseline_metrics.get(metric, float("nan"))) for metric in metrics}
     for variant, variant_runs in runs.items():
         for metric in metrics:
-            values = np.asarray([run[metric] for run in variant_runs], np.float64)
+            # A metric a row lacks (an evaluator only some rows run) is nan, shown as "-".
+            values = np.asarray([run.get(metric, np.nan) for run in variant_runs], np.float64)
             results[f"{variant}/{metric}"] = float(values.mean())
             results[f"{variant}/{metric}/std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
             results[f"{variant}/{metric}/min"] = float(values.min())
@@ -429,7 +430,8 @@ def run_experiment(config, workdir: epath.PathLike, method, *, stages: Callable[
             result["time/run_s"] = time.perf_counter() - started
             write_json(run_dir / "results.json", result)
             runs[variant].append(result)
-            logging.info("%s seed %d: %s", variant, index, ", ".join(f"{m}={result[m]:.4f}" for m in metrics))
+            logging.info("%s seed %d: %s", variant, index,
+                         ", ".join(f"{m}={result[m]:.4f}" for m in metrics if m in result))
     timings = {**steps.timings, "time/runs_s": float(sum(r.get("time/run_s", 0.0) for rs in runs.values() for r in rs)),
                "time/total_s": time.perf_counter() - began}
     skipped = {**skip_counts("baseline", frozen),
