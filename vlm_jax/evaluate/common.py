@@ -115,6 +115,22 @@ def real_rows(batch: Mapping[str, np.ndarray], rows: int) -> np.ndarray:
     return np.asarray(batch["mask"], bool).reshape(rows)
 
 
+def take_rows(batch: Mapping[str, Any], keep: np.ndarray) -> dict[str, Any]:
+    """The rows `keep` (bool [B]) of every per-example field of a batch ("bad_input" counts stay out)."""
+    rows = len(keep)
+    return {key: np.asarray(value)[keep] for key, value in batch.items()
+            if key != "bad_input" and np.ndim(value) and len(value) == rows}
+
+
+def among_rows(batch: Mapping[str, Any], labels: np.ndarray, real: np.ndarray, among) -> tuple[Any, np.ndarray, np.ndarray]:
+    """(batch, labels, real) cut to the real rows whose label is in `among` (None: unchanged), so a
+    closed-set evaluation encodes only its own images."""
+    if among is None:
+        return batch, labels, real
+    keep = real & np.isin(labels, np.asarray(among))
+    return take_rows(batch, keep), labels[keep], np.ones(int(keep.sum()), bool)
+
+
 def skip_metrics(skipped: Mapping[str, int], evaluated: int) -> dict[str, float]:
     """{"evaluated", "skipped", "skipped/<reason>" for every reason the batches counted} as floats."""
     metrics = {"evaluated": float(evaluated), "skipped": float(sum(skipped.values()))}

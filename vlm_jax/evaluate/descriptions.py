@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from vlm_jax.evaluate.common import iterate_batches, real_rows, register_evaluator, skip_metrics
+from vlm_jax.evaluate.common import among_rows, iterate_batches, real_rows, register_evaluator, skip_metrics
 from vlm_jax.evaluate.views import View
 from vlm_jax.evaluate.zero_shot import Template, classification_metrics, closed_set, fill_template
 
@@ -198,7 +198,9 @@ class DescriptionsEvaluator:
         scores, global_only, labels, skipped = [], [], [], {}
         for batch in iterate_batches(self.data, skipped):
             batch_labels = np.asarray(batch["label"])
-            real = real_rows(batch, len(batch_labels))
+            batch, batch_labels, real = among_rows(batch, batch_labels, real_rows(batch, len(batch_labels)), self.among)
+            if not len(batch_labels):
+                continue
             batch_global = global_scores(view.images(batch), text_embeddings, counts)
             batch_scores = batch_global
             if self.region_weight > 0:

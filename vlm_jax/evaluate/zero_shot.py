@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from vlm_jax.evaluate.common import iterate_batches, real_rows, register_evaluator, skip_metrics
+from vlm_jax.evaluate.common import among_rows, iterate_batches, real_rows, register_evaluator, skip_metrics
 from vlm_jax.evaluate.views import View
 from vlm_jax.memory.store import unit_rows
 
@@ -129,7 +129,7 @@ def closed_set(scores: Sequence[np.ndarray], labels: np.ndarray, among: Sequence
     renumbered = np.asarray([position[int(label)] for label in labels[keep]])
     kept = tuple(np.asarray(part)[keep][:, among] for part in scores)
     subsets = {key: [position[int(c)] for c in ids if int(c) in position] for key, ids in (subsets or {}).items()}
-    return kept, renumbered, subsets
+    return kept, renumbered, {key: ids for key, ids in subsets.items() if ids}  # subsets outside it are left out
 
 
 @register_evaluator("zero_shot")
@@ -166,7 +166,9 @@ class ZeroShotEvaluator:
         logits, labels, skipped = [], [], {}
         for batch in iterate_batches(self.data, skipped):
             batch_labels = np.asarray(batch["label"])
-            real = real_rows(batch, len(batch_labels))
+            batch, batch_labels, real = among_rows(batch, batch_labels, real_rows(batch, len(batch_labels)), self.among)
+            if not len(batch_labels):
+                continue
             logits.append((view.images(batch) @ classifier.T)[real])
             labels.append(batch_labels[real])
         evaluated = sum(len(part) for part in labels)
