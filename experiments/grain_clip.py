@@ -18,10 +18,12 @@ pretrain data: weak captions and their "a photo of a <name>." form) for the same
   pipeline:  + the region decoder on the annotation pipeline's regions: the embedded captioner
              describes each ground-truth crop, so the descriptions carry the captioner's errors;
   no_box:    grain without the box loss;  no_region: grain without the region-description loss.
-Columns: classification by description (GRAIN's rule: "a photo of a zorvid, which is striped" per
-descriptor, the class score the mean over descriptors x templates) on novel entities (never named
-in pre-training) and common ones, GRAIN's region-mixed score on novel entities, box quality of the
-matched region queries (mean IoU, recall@0.5) and region-description accuracy on eval_retrieval.
+Every row trains on the first 6,144 pretrain images (the annotated ones) for 200 steps. Columns:
+classification by description (GRAIN's rule: "a photo of a zorvid, which is a striped red star", the
+class score the mean over descriptors x templates) of novel entities (never named in pre-training)
+among the novel entities, the same mixed with GRAIN's region score (weight 0.5), common entities
+among all 256, zero-shot by name, and box quality of the matched region queries (mean IoU,
+recall@0.5) with region-description accuracy on eval_retrieval's objects.
 Options: seeds=N (default 1), smoke=True (tiny models on shapes_world/test, a few steps).
 
 Real presets (TPU): cc3m_b16 and cc12m_b16 train ViT-B/16 GRAIN from scratch with the paper's recipe
@@ -46,7 +48,7 @@ from vlm_jax.mllm.config import mllm_config
 PRESETS = ("shapes", "cc3m_b16", "cc12m_b16")
 HERE = pathlib.Path(__file__)
 # The 11 zero-shot datasets of the paper (ImageNet reported apart), by registry name.
-DATASETS = ("cifar10", "cifar100", "sun397", "cars", "dtd", "pets", "caltech101", "flowers", "cub", "places365",
+DATASETS = ("cifar10", "cifar100", "sun397", "cars", "dtd", "pets", "caltech101", "flowers", "cub200", "places365",
             "food101")
 
 
@@ -151,7 +153,7 @@ def _real(config, preset: str, smoke: bool) -> None:
         name: eval_spec(type="descriptions", descriptors="", data=dict(dataset=name, data_dir=config.get_ref("data_dir")))
         for name in DATASETS})
     config.evals.imagenet = eval_spec(type="descriptions", descriptors="",
-                                      data=dict(dataset="imagenet", data_dir=config.get_ref("data_dir")))
+                                      data=dict(dataset="imagenet1k", data_dir=config.get_ref("data_dir")))
     config.region_evals = ()
     config.variants = ml_collections.ConfigDict({"grain": {}, "clip": {"method": "clip"}})
     config.variant_labels = ml_collections.ConfigDict({"grain": "GRAIN", "clip": "CLIP, same data and steps"})

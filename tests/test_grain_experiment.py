@@ -139,6 +139,10 @@ def test_presets_load_with_their_rows(argument):
     else:
         assert config.global_batch_size == 2048 and config.grain.decoder.depth == 6 and config.grain.decoder.width == 512
         assert config.optim.b2 == 0.98 and config.optim.weight_decay == 0.1 and config.grain.annotation_captions
+        from vlm_jax.data import datasets
+
+        assert len(config.evals) == 12 and all(spec.data.dataset in datasets.REGISTRY for spec in config.evals.values())
+        assert all(spec.type == "descriptions" for spec in config.evals.values())
 
 
 @pytest.mark.parametrize("where, change, message", [
