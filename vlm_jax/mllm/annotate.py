@@ -256,11 +256,8 @@ def check_annotate_section(section: Any, where: str = "annotate", *, check_backe
 
 
 def task_schema() -> dict[str, Any]:
-    """The fields of an `annotate` task config."""
-    from vlm_jax.mllm.config import mllm_config  # noqa: PLC0415
-
-    return {"task": "", "preset": "", "annotate": annotate_config(), "mllm": mllm_config(), "mllm_config": "",
-            "data_dir": "", "cache_dir": ""}
+    """The fields of a `annotate` task config."""
+    return records.task_schema("annotate", annotate_config())
 
 
 def check_annotate_config(config: Any) -> None:

@@ -68,6 +68,7 @@ from vlm_jax.data import pipeline
 from vlm_jax.mllm.records import (BatchedReader, Item, Plan, RunStats, ShardStore, build, data_manifest, describe,
                                   generate_checked, new_counts, normalize_id, plan_run, read_array_record_shard,
                                   record_text, run_batches, scan_ids, tally, write_json)
+from vlm_jax.mllm.records import task_schema as corpus_task_schema
 
 MODES = ("grounded", "ungrounded", "rewrite")
 PLACEHOLDERS = ("alt_text", "title")
@@ -275,10 +276,7 @@ def check_recaption_section(section: Any, where: str = "recaption") -> None:
 
 def task_schema() -> dict[str, Any]:
     """The fields of a `recaption` task config."""
-    from vlm_jax.mllm.config import mllm_config  # noqa: PLC0415
-
-    return {"task": "", "preset": "", "recaption": recaption_config(), "mllm": mllm_config(), "mllm_config": "",
-            "data_dir": "", "cache_dir": ""}
+    return corpus_task_schema("recaption", recaption_config())
 
 
 def check_recaption_config(config: Any) -> None:

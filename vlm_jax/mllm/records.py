@@ -38,6 +38,15 @@ from vlm_jax.files import write_atomic
 # -- ids and fields ------------------------------------------------------------------------------------------
 
 
+def task_schema(name: str, section: Any) -> dict[str, Any]:
+    """The fields of a corpus task's config: its `name` section (`section`, with defaults), the MLLM
+    section, the captioner experiment (mllm_config), data_dir and cache_dir."""
+    from vlm_jax.mllm.config import mllm_config  # noqa: PLC0415
+
+    return {"task": "", "preset": "", name: section, "mllm": mllm_config(), "mllm_config": "", "data_dir": "",
+            "cache_dir": ""}
+
+
 def normalize_id(value: Any) -> str | None:
     """A record id as stored: str (UTF-8 bytes decoded, numpy scalars as their Python value); None stays."""
     if value is None:
