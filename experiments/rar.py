@@ -32,6 +32,7 @@ Presets:
   lvis: recognition of LVIS's given boxes (`regions.annotations`, `regions.image_dir`) against its
     class names; the classification runs are off.
 Options: smoke=True (tiny models, shapes_world/test, one seed, few settings).
+Plots (`vlm_jax.plots`): rar_candidates.png, accuracy and recall against the candidate count k.
 """
 
 import pathlib
@@ -147,6 +148,7 @@ def get_config(arg=None):
     config.mllm_config = ""  # the captioner experiment of the embedded MLLM (mllm.model_dir: a ready export)
     config.serve = False  # serve the embedded MLLM on loopback and rank through the HTTP client
     config.rar = rar_config()
+    config.rar.sweep = True  # recall and scoring of every candidate prefix, from the same MLLM calls (plots)
     config.rar_modes = ("generate", "score")  # ranking by parsed answers / by likelihood
     config.ranking_data = False  # write the ranking fine-tune data of the memory split (the fine-tune needs it)
     # Trainer fields of the ranking fine-tune of the embedded MLLM (0 steps: none).

@@ -62,7 +62,8 @@ class RarConfig:
     list_style: "python" (the paper's code: ['a', 'b']) or "plain" ([a, b]), also the fine-tune
     targets' form; score_prompt: each name is scored as its answer; max_tokens: of a ranking answer;
     normalize_scores: length-normalized; index: the memory search; neighbours, window: of the fine-tune
-    data; crop_scale: (min, max) box scale of region crops; blur_sigma: outside the box."""
+    data; crop_scale: (min, max) box scale of region crops; blur_sigma: outside the box; sweep: also
+    recall@j and rar_score_* @j of the first j candidates for every j <= k (no more MLLM calls)."""
 
     shots: int = 4
     k: int = 5
@@ -77,6 +78,7 @@ class RarConfig:
     window: int = 5
     crop_scale: tuple[float, float] = (1.0, 3.0)
     blur_sigma: float = 2.0
+    sweep: bool = False
 
     def __post_init__(self):
         if self.list_style not in ("python", "plain"):
@@ -154,14 +156,24 @@ def _generate(mllm, images, prompts, names, max_tokens):
     return texts
 
 
+def candidate_scores(mllm, images: Sequence[np.ndarray], candidates: np.ndarray, class_names: Sequence[str],
+                     config: RarConfig) -> np.ndarray:
+    """Scoring mode: the MLLM's log-likelihood of each candidate's name, float [Q, k] (-inf: padding).
+    A name's score does not depend on the other candidates, so any prefix of a row reuses it."""
+    names = [[class_names[label] if label >= 0 else "" for label in row] for row in candidates]
+    scores = mllm.score(images, [config.score_prompt] * len(images), names, normalize=config.normalize_scores)
+    return np.where(candidates >= 0, scores, -np.inf)
+
+
+def by_score(candidates: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Each row's candidates [Q, k] sorted by `scores` [Q, k], highest first (ties: retrieval order)."""
+    return np.take_along_axis(candidates, np.argsort(-scores, axis=1, kind="stable"), axis=1)
+
+
 def rank_by_score(mllm, images: Sequence[np.ndarray], candidates: np.ndarray, class_names: Sequence[str],
                   config: RarConfig) -> np.ndarray:
     """Scoring mode: each row's candidates sorted by the MLLM's log-likelihood of the name."""
-    valid = candidates >= 0
-    names = [[class_names[label] if label >= 0 else "" for label in row] for row in candidates]
-    scores = mllm.score(images, [config.score_prompt] * len(images), names, normalize=config.normalize_scores)
-    order = np.argsort(-np.where(valid, scores, -np.inf), axis=1, kind="stable")
-    return np.take_along_axis(candidates, order, axis=1)
+    return by_score(candidates, candidate_scores(mllm, images, candidates, class_names, config))
 
 
 # -- 4. ranking fine-tune data ----------------------------------------------------------------------
@@ -224,8 +236,9 @@ class RarRuns:
         return {**self.top1(candidates[:, 0], "knn_"), "recall": recall(candidates, self.labels)}
 
     def run(self, run_config, run_dir) -> dict[str, float]:
-        """One setting (shots, k) and seed: CLIP+kNN, recall@k, RAR by ranking and by scoring; the
-        labels of every eval image's candidates and rankings in <run_dir>/predictions.npz."""
+        """One setting (shots, k) and seed: CLIP+kNN, recall@k, RAR by ranking and by scoring (with
+        `sweep`, also of every prefix of the candidates); the labels of every eval image's candidates
+        and rankings in <run_dir>/predictions.npz."""
         config = parse_rar(run_config.rar)
         if config.shots:
             labels = np.asarray(self.memory.labels)
@@ -242,9 +255,16 @@ class RarRuns:
             metrics.update(self.top1(predictions["ranked"][:, 0], "rar_"),
                            fallback_rate=events["answers_with_fallback"] / max(events["answers"], 1),
                            **{f"fallback/{event}": float(count) for event, count in events.items()})
+        scores = None
         if "score" in run_config.rar_modes:
-            predictions["scored"] = rank_by_score(self.mllm, self.images, candidates, self.class_names, config)
+            scores = candidate_scores(self.mllm, self.images, candidates, self.class_names, config)
+            predictions["scored"] = by_score(candidates, scores)
             metrics.update(self.top1(predictions["scored"][:, 0], "rar_score_"))
+        for j in range(1, config.k + 1) if config.sweep else ():
+            metrics[f"recall@{j}"] = recall(candidates[:, :j], self.labels)
+            if scores is not None:
+                top = self.top1(by_score(candidates[:, :j], scores[:, :j])[:, 0], "rar_score_")
+                metrics.update({f"{name}@{j}": value for name, value in top.items()})
         epath.Path(run_dir).mkdir(parents=True, exist_ok=True)
         np.savez(epath.Path(run_dir) / "predictions.npz", **predictions)
         return metrics

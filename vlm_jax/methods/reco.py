@@ -57,7 +57,8 @@ class RecoConfig:
     index: the memory search (`IndexConfig`). training_retrieval: "on_the_fly" (search in the
     step) | "precomputed". exclude_self / dedup_threshold: drop the example's own memory row /
     neighbours with cosine >= threshold. train_embeddings_dirs, train_weights: train on stored
-    frozen-CLIP pairs of these directories, mixed by weight (() : pixels of `config.data`)."""
+    frozen-CLIP pairs of these directories, mixed by weight (() : pixels of `config.data`). eval_ks: each
+    zero-shot eval of view "reco" again as "<name>@k<j>", view "reco@k<j>": the fusion over j items."""
 
     k: int = 10
     search: str = "unimodal"
@@ -73,14 +74,15 @@ class RecoConfig:
     dedup_threshold: float | None = None
     train_embeddings_dirs: tuple[str, ...] = ()
     train_weights: tuple[float, ...] = ()
+    eval_ks: tuple[int, ...] = ()
 
     def __post_init__(self):
         for field, allowed in (("search", ("unimodal", "crossmodal")), ("fusion", ("transformer", "mean", "none")),
                                ("training_retrieval", ("on_the_fly", "precomputed"))):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"reco.{field} must be one of {allowed}, got {getattr(self, field)!r}")
-        if self.k < 1:
-            raise ValueError(f"reco.k must be >= 1, got {self.k}")
+        if self.k < 1 or any(k < 1 for k in self.eval_ks):
+            raise ValueError(f"reco.k and every reco.eval_ks entry must be >= 1, got {self.k} and {self.eval_ks}")
 
 
 def reco_config() -> ml_collections.ConfigDict:
@@ -179,11 +181,13 @@ def loss_fn(model: RECO, batch: Mapping[str, jax.Array], constants: RecoConstant
     return loss, {**metrics, "loss": loss}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "modality", "host"))
-def _refine_embeddings(graphdef, state, table, embeddings, *, modality, host):
-    """Evaluation: unit embeddings [b, D] -> refined [b, D], searching `host` or the placed `table`."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "modality", "host", "k"))
+def _refine_embeddings(graphdef, state, table, embeddings, *, modality, host, k):
+    """Evaluation: unit embeddings [b, D] -> refined [b, D] over the k nearest items, searching `host`
+    or the placed `table`."""
     model = nnx.merge(graphdef, state)
-    values, valid = retrieve(host if host is not None else table, modality, l2_normalize(embeddings), model.config)
+    values, valid = retrieve(host if host is not None else table, modality, l2_normalize(embeddings),
+                             dataclasses.replace(model.config, k=k))
     return model.refine(modality, l2_normalize(embeddings), values, valid)
 
 
@@ -329,16 +333,19 @@ class RecoMethod:
         return self._once(key, search)
 
     def views(self, model: RECO, inputs) -> dict[str, Any]:
-        """"clip": the frozen CLIP; "reco": the CLIP followed by the fusion over the eval memory."""
+        """"clip": the frozen CLIP; "reco": the CLIP followed by the fusion over the eval memory;
+        "reco@k<k>" per k of `reco.eval_ks`: the same with the k nearest items."""
         base = inputs(model.clip)
+        ks = {"reco": model.config.k, **{f"reco@k{k}": k for k in model.config.eval_ks}}
         if model.config.fusion == "none":
-            return {"clip": base, "reco": base}
+            return {"clip": base, **{name: base for name in ks}}
         retriever = self.eval_retriever(model.config)
         host, table = (retriever, None) if not isinstance(retriever, DeviceRetriever) else (None, retriever)
         graphdef, state = nnx.split(model)
-        refine = {m: functools.partial(_refine_embeddings, graphdef, state, table, modality=m, host=host)
-                  for m in MODALITIES}
-        return {"clip": base, "reco": base.refined(refine["image"], refine["text"])}
+        refine = functools.partial(_refine_embeddings, graphdef, state, table, host=host)
+        return {"clip": base, **{name: base.refined(functools.partial(refine, modality="image", k=k),
+                                                    functools.partial(refine, modality="text", k=k))
+                                 for name, k in ks.items()}}
 
     def eval_retriever(self, reco: RecoConfig):
         """The evaluation memory: device rows sharded over every device, or a host index (ScaNN)."""
@@ -356,7 +363,12 @@ class RecoMethod:
         from vlm_jax.evaluate import suite  # noqa: PLC0415
 
         pretrained = self.pretrained(config)
-        return suite.build_evaluators(config.evals, pretrained.preprocess, pretrained.tokenizer, self.views)
+        evals = {name: spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
+                 for name, spec in config.evals.items()}
+        evals.update({f"{name}@k{k}": {**spec, "pred": f"reco@k{k}"} for name, spec in list(evals.items())
+                      if spec.get("type", "zero_shot") == "zero_shot" and spec.get("pred", "clip") == "reco"
+                      for k in parse_reco(config.reco).eval_ks})
+        return suite.build_evaluators(evals, pretrained.preprocess, pretrained.tokenizer, self.views)
 
     def export(self, model: RECO, workdir) -> None:
         """The trained fusions and temperature in `<workdir>/export` (`load_fusion` reads them back)."""
