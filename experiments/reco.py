@@ -27,6 +27,8 @@ Presets:
     embeddings; zero-shot top-1 on Cars, CUB, Flowers, ImageNet, Places365 and Stanford Dogs.
 Options: smoke=True (tiny CLIP, shapes_world/test, a few steps, one seed); backend=exact|approx|scann
   (where the memory is searched at evaluation; training always uses precomputed neighbours).
+Plots (`vlm_jax.plots`): training.png, reco_accuracy.png and reco_k.png (top-1 against the k of
+`reco.eval_ks`) in <workdir>/plots.
 """
 
 import pathlib
@@ -76,7 +78,7 @@ def _common(config: ml_collections.ConfigDict) -> None:
     # Sampling weight per train_data source (empty: in proportion to size, uniform over the union).
     config.train_weights = ml_collections.ConfigDict()
     config.optim.trainable = ((r"^clip/", False), (r".*", True))  # the CLIP stays frozen: only fusions and temperature
-    config.progress = False
+    config.progress = True  # a bar per fusion run (rate, ETA)
     config.eval_every = 0
 
 
@@ -126,6 +128,9 @@ def _shapes(config: ml_collections.ConfigDict, smoke: bool, backend: str) -> Non
     config.reco.fusion_config.mlp_ratio = 2.0
     config.reco.fusion_config.retrieved_dropout = 0.1
     config.reco.index = _index(backend, dtype="float32")
+    # Each trained fusion evaluated again with k items for every k here (plots/reco_k.png); on the
+    # stored eval embeddings every k costs one more pass of the fusion over them, not of the CLIP.
+    config.reco.eval_ks = (1, 4) if smoke else (1, 2, 4, 8, 16, 32)
 
     config.seeds = 1 if smoke else 3
     config.global_batch_size = 32 if smoke else 256
@@ -176,6 +181,7 @@ def _cc12m_b32(config: ml_collections.ConfigDict, smoke: bool, backend: str) -> 
     config.reco.fusion_config.mlp_ratio = 0.5
     config.reco.fusion_config.retrieved_dropout = 0.1
     config.reco.index = _index(backend, dtype="bfloat16")
+    # No k sweep by default: on pixels each k of reco.eval_ks runs the image tower over the eval sets again.
 
     config.seeds = 1
     epochs, examples = 10, 12_000_000

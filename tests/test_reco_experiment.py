@@ -22,6 +22,7 @@ from flax import nnx
 
 from vlm_jax.config_lib import ConfigError, load_config_file
 from vlm_jax.methods import reco, runner
+from vlm_jax.train.metrics import read_metrics, tensorboard_tag
 from vlm_jax.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig, tiny, vit_b32
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -349,6 +350,44 @@ def _memory_files(directory: pathlib.Path) -> dict[str, int]:
     return {str(path.relative_to(directory)): path.stat().st_mtime_ns for path in sorted(directory.rglob("shard_*"))}
 
 
+def _check_the_console_plots_and_events(workdir: pathlib.Path, run: subprocess.CompletedProcess, config) -> None:
+    """The quiet console: no library INFO line on either stream, the stages one line each, the
+    output ending with the table and where results.json, the plots and the log are; library INFO
+    lines in log.txt instead; PNGs written; TensorBoard events for the table's rows and every run."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer  # noqa: PLC0415
+
+    console = run.stdout.splitlines() + run.stderr.splitlines()
+    assert not [line for line in console if ABSL_LOG_LINE.match(line) and line.startswith("I")], console[:20]
+    for stage in ("clip", "memory", "train_embeddings", "eval_embeddings", "baseline"):
+        assert sum(line.startswith(f"{stage}: ") for line in run.stdout.splitlines()) == 1, stage
+    lines = run.stdout.rstrip().splitlines()
+    (table_end,) = [i for i, line in enumerate(lines) if line.startswith("(in %; variant rows")]
+    tail = lines[table_end + 1:]
+    assert [line.split(":")[0] for line in tail[:3]] == ["results", "plots", "log"], tail
+    assert tail[0] == f"results: {workdir / 'results.json'}" and tail[2] == f"log:     {workdir / 'log.txt'}"
+    pngs = sorted((workdir / "plots").glob("*.png"))
+    assert pngs and all(path.stat().st_size > 1000 for path in pngs)
+    assert all(path.name in tail[1] for path in pngs)
+    log = (workdir / "log.txt").read_text()
+    assert "checkpoint_manager.py" in log and "memory: " in log  # orbax's INFO and our stage lines
+
+    events = EventMultiplexer().AddRunsFromDirectory(str(workdir)).Reload()
+    runs = {name.replace("\\", "/"): name for name in events.Runs()}
+    expected = {"tb/baseline", "tb/stages", *(f"tb/{v}" for v in config.variants),
+                *(f"runs/{v}/seed_0/tb" for v in config.variants)}
+    assert expected <= set(runs), sorted(runs)
+    results = json.loads((workdir / "results.json").read_text())
+    for metric, _ in config.table:
+        (event,) = events.Scalars(runs["tb/reco"], tensorboard_tag(f"results/{metric}"))
+        assert event.value == pytest.approx(results[f"reco/{metric}"], rel=1e-6)
+    (stage,) = events.Scalars(runs["tb/stages"], "time/memory_s")
+    assert stage.value == pytest.approx(results["time/memory_s"], rel=1e-6)
+    losses = [record["train/loss"] for record in read_metrics(workdir / "runs" / "reco" / "seed_0")
+              if "train/loss" in record]
+    assert [event.value for event in events.Scalars(runs["runs/reco/seed_0/tb"], "train/loss")] == \
+        pytest.approx(losses, rel=1e-6)
+
+
 @pytest.mark.slow
 def test_smoke_run_writes_the_table_and_a_rerun_resumes_the_memory_build(tmp_path):
     command = [sys.executable, "-m", "vlm_jax.main", "--config=experiments/reco.py:shapes,smoke=True",
@@ -365,6 +404,7 @@ def test_smoke_run_writes_the_table_and_a_rerun_resumes_the_memory_build(tmp_pat
         assert f"reco/{metric}/std" in results and f"baseline/{metric}/std" not in results
     for label in (config.baseline_label, *config.variant_labels.values()):
         assert label in first.stdout
+    _check_the_console_plots_and_events(tmp_path, first, config)
     assert {"time/clip_s", "time/memory_s", "time/train_embeddings_s", "time/eval_embeddings_s",
             "time/baseline_s", "time/runs_s", "time/total_s"} <= set(results)
     # The base CLIP is trained once into the cache, with its resolved config beside it.
@@ -385,7 +425,7 @@ def test_smoke_run_writes_the_table_and_a_rerun_resumes_the_memory_build(tmp_pat
     embeddings_before = _memory_files(tmp_path / "train_embeddings")
     second = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=1200)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "reusing cached base model at" in second.stderr
+    assert "reusing cached base model at" in second.stdout
     after = _memory_files(memory)
     unchanged = {name for name in before if before[name] == after.get(name)}
     assert {name for name in before if not name.startswith(last)} <= unchanged
@@ -421,6 +461,6 @@ def test_sigterm_while_the_base_model_trains_exits_3_and_the_same_command_resume
 
     second = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=1200)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert f"resuming the unfinished cached build at {build}" in second.stderr
+    assert f"resuming the unfinished cached build at {build}" in second.stdout
     assert (build / "COMPLETE.json").exists() and (build / "export" / "export_complete.json").exists()
     assert json.loads((tmp_path / "work" / "results.json").read_text())

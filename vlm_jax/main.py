@@ -33,6 +33,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
+from vlm_jax import console
 from vlm_jax.config_lib import ConfigError
 from vlm_jax.errors import EXIT_BUG, EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
 
@@ -95,11 +96,43 @@ def run(config, workdir: str) -> dict:
         sharding.initialize_distributed(config.distributed)
     # The lock before the task's (slow) imports: a second run into a busy workdir ends at once.
     with workdir_lib.WorkdirLock(workdir_path):
+        jax = sys.modules.get("jax")
+        console.log_to(workdir_path, jax.process_index() if jax is not None else 0)
         task = resolve_task(config.task)
         if config.task != "train":  # the "train" task is `trainer.train` on this workdir
             workdir_lib.check_config_change(workdir_path, config, refuse_model_change=False)
             workdir_lib.record_config(workdir_path, config)
-        return task(config, workdir_path)
+        metrics = task(config, workdir_path)
+    finish(config, workdir_path, metrics)
+    return metrics
+
+
+def finish(config, workdir: epath.Path, metrics: dict) -> None:
+    """After a task: `results.json` (when the task wrote none) and the plots beside it (process 0)."""
+    if not console.is_chief():
+        return
+    results = workdir / "results.json"
+    if not results.exists():
+        results.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float) + "\n")
+    from vlm_jax import plots  # noqa: PLC0415 - matplotlib only once a run has finished
+
+    plots.write_plots(config, workdir, metrics)
+
+
+def summary_lines(workdir: epath.Path, metrics: dict) -> list[str]:
+    """What the console ends with: the table (a method prints its own; other tasks' metrics here)
+    and where the results, plots, log and TensorBoard events are."""
+    lines = []
+    if not (workdir / "results.txt").exists():
+        table = console.metrics_table(metrics)
+        lines += [table] if table else []
+    pngs = sorted(path.name for path in (workdir / "plots").glob("*.png")) if (workdir / "plots").exists() else []
+    lines.append(f"results: {workdir / 'results.json'}")
+    lines.append(f"plots:   {workdir / 'plots'} ({', '.join(pngs)})" if pngs else "plots:   none written")
+    if console.log_path():
+        lines.append(f"log:     {console.log_path()}")
+    lines.append(f"tensorboard --logdir {workdir}")
+    return lines
 
 
 def _last_line(message: str) -> str:
@@ -316,8 +349,14 @@ def main(argv) -> None:
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config=experiments/reco.py")
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
-    metrics = execute(_CONFIG.value, workdir)
-    logging.info("final metrics: %s", json.dumps(metrics, sort_keys=True, default=float))
+    console.configure(verbose=flags.FLAGS["verbosity"].present)
+    try:
+        metrics = execute(_CONFIG.value, workdir)
+        logging.info("final metrics: %s", json.dumps(metrics, sort_keys=True, default=float))
+        if console.is_chief():
+            print("\n".join(summary_lines(epath.Path(workdir), metrics)), flush=True)
+    finally:
+        console.close()
 
 
 if __name__ == "__main__":

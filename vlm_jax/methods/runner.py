@@ -31,9 +31,9 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from absl import logging
 from etils import epath
 
+from vlm_jax import console
 from vlm_jax.config_lib import (ConfigError, MapOf, check_fields, experiment_module, load_config_file, merged,
                                 require_data_files, require_eval_files, require_path)
 from vlm_jax.data.pipeline import prepare_embedded
@@ -73,7 +73,7 @@ class Stages:
         started = time.perf_counter()
         value = function()
         self.timings[f"time/{name}_s"] = time.perf_counter() - started
-        logging.info("Stage %s: %.1f s", name, self.timings[f"time/{name}_s"])
+        console.say(f"{name}: {console.duration(self.timings[f'time/{name}_s'])}")
         return value
 
 
@@ -152,7 +152,7 @@ def train_export(config, directory: epath.Path, method, what: str) -> str:
 
     directory = epath.Path(directory)
     if not export_finished(directory / "export"):
-        logging.info("Training %s into %s.", what, directory)
+        console.say(f"training {what} into {directory}")
         metrics = train(config, directory, method)
         if "preempted_at_step" in metrics:
             raise Preempted(f"stopped at step {int(metrics['preempted_at_step'])} while training {what} "
@@ -396,6 +396,9 @@ def run_experiment(config, workdir: epath.PathLike, method, *, stages: Callable[
     "<variant>/<metric>" and the non-zero ones listed under the table. Raises
     Preempted when a stage or a run stops on SIGTERM (what is done stays done; a rerun resumes).
     """
+    import jax  # noqa: PLC0415
+
+    from vlm_jax.train.metrics import write_experiment_events  # noqa: PLC0415
     from vlm_jax.train.trainer import train  # noqa: PLC0415
 
     workdir = epath.Path(workdir)
@@ -430,8 +433,8 @@ def run_experiment(config, workdir: epath.PathLike, method, *, stages: Callable[
             result["time/run_s"] = time.perf_counter() - started
             write_json(run_dir / "results.json", result)
             runs[variant].append(result)
-            logging.info("%s seed %d: %s", variant, index,
-                         ", ".join(f"{m}={result[m]:.4f}" for m in metrics if m in result))
+            console.say(f"{variant} seed {index} ({console.duration(result['time/run_s'])}): "
+                        + ", ".join(f"{m}={result[m]:.4f}" for m in metrics if m in result))
     timings = {**steps.timings, "time/runs_s": float(sum(r.get("time/run_s", 0.0) for rs in runs.values() for r in rs)),
                "time/total_s": time.perf_counter() - began}
     skipped = {**skip_counts("baseline", frozen),
@@ -451,6 +454,8 @@ def run_experiment(config, workdir: epath.PathLike, method, *, stages: Callable[
                   if key.startswith(f"{variant}/") and value]  # zeros too are in results.json
         table += f"\n{rows[variant].strip()}, summed over seeds: " + ", ".join(listed)
     print(table, flush=True)
+    if jax.process_index() == 0:
+        write_experiment_events(workdir, {"baseline": [frozen], **runs}, timings)
     (workdir / "results.txt").write_text(table + "\n" + json.dumps(timings, indent=1) + "\n")
     write_json(workdir / "results.json", results)
     return results

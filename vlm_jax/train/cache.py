@@ -31,8 +31,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from absl import logging
-
+from vlm_jax import console
 from vlm_jax.errors import UserError
 from vlm_jax.files import write_atomic
 
@@ -113,7 +112,7 @@ def _lock(path: pathlib.Path, timeout: float):
                     "wait for it to finish, or remove the lock file if no such process is alive."
                 ) from None
             if not announced:
-                logging.info("Another process is building %s; waiting for it.", path.with_suffix(""))
+                console.say(f"Another process is building {path.with_suffix('')}; waiting for it.")
                 announced = True
             time.sleep(0.2)
 
@@ -153,7 +152,7 @@ def cached_run(
     try:
         root.mkdir(parents=True, exist_ok=True)
         if complete():
-            logging.info("reusing cached base model at %s", directory)
+            console.say(f"reusing cached base model at {directory}")
             return directory
         handle = _lock(root / f"{key}.lock", lock_timeout)
     except PermissionError as error:
@@ -161,15 +160,15 @@ def cached_run(
                         "set --config.cache_dir or VLM_JAX_CACHE to a writable directory.") from None
     try:
         if complete():  # another process finished it while this one waited
-            logging.info("reusing cached base model at %s", directory)
+            console.say(f"reusing cached base model at {directory}")
             return directory
         material = key_material(config, dataset_version, defaults)
         if directory.exists():
-            logging.info("resuming the unfinished cached build at %s", directory)
+            console.say(f"resuming the unfinished cached build at {directory}")
             # A marker without what `finished` asks for is stale: remove it before building again.
             (directory / MARKER).unlink(missing_ok=True)
         else:
-            logging.info("building the cached run at %s", directory)
+            console.say(f"building the cached run at {directory}")
             directory.mkdir()
             _write_json(directory / KEY_FILE, material)
         started = time.time()

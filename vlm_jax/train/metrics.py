@@ -2,7 +2,9 @@
 
 `<workdir>/metrics.jsonl` holds one object per logged step, `{"step": s, "<name>": value, ...}`;
 `<workdir>/tb/` holds tensorboardX event files with the same scalars. Both are written by process 0
-only, so a multi-host job produces one record, not one per host.
+only, so a multi-host job produces one record, not one per host. A method experiment adds its table's
+rows and stage times (`write_experiment_events`), so TensorBoard on the workdir shows stages,
+variants and seeds side by side.
 
 A resumed run first drops the lines past the step it resumes from (they describe steps that are
 about to be trained again), so the file reads as one run whose steps increase.
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from etils import epath
 
@@ -27,6 +29,32 @@ def read_metrics(workdir: epath.PathLike) -> list[dict[str, float]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def tensorboard_tag(name: str) -> str:
+    """TensorBoard tags allow only [\\w./-]: "recall@1" becomes "recall_1"."""
+    return re.sub(r"[^\w./-]", "_", name)
+
+
+def write_experiment_events(workdir: epath.PathLike, rows: Mapping[str, Sequence[Mapping[str, float]]],
+                            timings: Mapping[str, float]) -> None:
+    """TensorBoard events of an experiment's table beside its runs' training events.
+
+    `<workdir>/tb/<row>` holds each row's final metrics as `results/<metric>`, seed i at step i (the
+    frozen baseline: one record at step 0); `<workdir>/tb/stages` holds the stages' wall times
+    (`time/<stage>_s`, step 0). With the runs' own `runs/<variant>/seed_<i>/tb`, TensorBoard opened
+    on the workdir lists every stage, variant and seed as a run of its own."""
+    from tensorboardX import SummaryWriter  # noqa: PLC0415
+
+    root = epath.Path(workdir) / TENSORBOARD_DIR
+    for row, records in {**rows, "stages": [timings]}.items():
+        writer = SummaryWriter(logdir=str(root / row))
+        for step, record in enumerate(records):
+            for name, value in sorted(record.items()):
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    tag = name if row == "stages" else f"results/{name}"
+                    writer.add_scalar(tensorboard_tag(tag), float(value), global_step=step)
+        writer.close()
 
 
 class MetricsWriter:
@@ -61,8 +89,7 @@ class MetricsWriter:
             file.write(json.dumps(record) + "\n")
         for name, value in scalars.items():
             if math.isfinite(value):
-                # TensorBoard tags allow only [\w./-]: "recall@1" becomes "recall_1".
-                self._tensorboard.add_scalar(re.sub(r"[^\w./-]", "_", name), value, global_step=int(step))
+                self._tensorboard.add_scalar(tensorboard_tag(name), value, global_step=int(step))
         self._tensorboard.flush()
 
     def close(self) -> None:
