@@ -333,18 +333,31 @@ class VisionTransformer(nnx.Module):
         self.post_layernorm = LayerNorm(config.width, eps=eps, **kw)
         self.head = MAPHead(config, **kw) if config.pooling == "map" else None
 
+    def _embedded(self, pixels: jax.Array) -> jax.Array:
+        """pixels [B, H, W, 3] -> encoder input [B, T, width] (embedded, pre-normed when configured)."""
+        hidden = self.embeddings(pixels)
+        return self.pre_layrnorm(hidden) if self.pre_layrnorm is not None else hidden
+
     def tokens(self, pixels: jax.Array) -> jax.Array:
         """pixels [B, H, W, 3] -> post-norm tokens [B, T, width] (class token first if any)."""
-        hidden = self.embeddings(pixels)
-        if self.pre_layrnorm is not None:
-            hidden = self.pre_layrnorm(hidden)
-        return self.post_layernorm(self.encoder(hidden))
+        return self.post_layernorm(self.encoder(self._embedded(pixels)))
 
     def pool(self, tokens: jax.Array) -> jax.Array:
         """post-norm tokens [B, T, width] -> pooled [B, width]."""
         if self.head is not None:
             return self.head(tokens)
         return tokens[:, 0]
+
+    def pooled(self, pixels: jax.Array) -> jax.Array:
+        """pixels [B, H, W, 3] -> pooled [B, width], the same as pool(tokens(pixels)).
+
+        Class-token pooling reads one row, so the last block computes that row alone (its keys still
+        come from every token): a 12-block ViT-B forward is 7% smaller. The MAP head attends over all
+        tokens, so they are all computed.
+        """
+        if self.head is not None:
+            return self.head(self.tokens(pixels))
+        return self.post_layernorm(self.encoder(self._embedded(pixels), num_queries=1))[:, 0]
 
     def patch_tokens(self, tokens: jax.Array) -> jax.Array:
         """post-norm tokens [B, T, width] -> patch tokens [B, num_patches, width]."""
@@ -370,17 +383,30 @@ class TextTransformer(nnx.Module):
         hidden = self.encoder(self.embeddings(ids), is_causal=self.config.causal)
         return self.final_layer_norm(hidden)
 
-    def pool(self, tokens: jax.Array, ids: jax.Array) -> jax.Array:
-        """tokens [B, L, width], ids [B, L] -> pooled [B, width] (or [B, head_dim] with a head)."""
+    def pooled_positions(self, ids: jax.Array) -> jax.Array:
+        """ids int32 [B, L] -> int32 [B]: the position each sequence is pooled at."""
         config = self.config
         if config.pooling == "last":
-            pooled = tokens[:, -1]
-        else:
-            if config.eos_token_id == LEGACY_EOS_TOKEN_ID:
-                positions = jnp.argmax(ids, axis=-1)
-            else:
-                positions = jnp.argmax(ids == config.eos_token_id, axis=-1)
-            pooled = jnp.take_along_axis(tokens, positions[:, None, None], axis=1)[:, 0]
+            return jnp.full(ids.shape[:1], ids.shape[1] - 1, jnp.int32)
+        if config.eos_token_id == LEGACY_EOS_TOKEN_ID:
+            return jnp.argmax(ids, axis=-1).astype(jnp.int32)
+        return jnp.argmax(ids == config.eos_token_id, axis=-1).astype(jnp.int32)
+
+    def pool(self, tokens: jax.Array, ids: jax.Array) -> jax.Array:
+        """tokens [B, L, width], ids [B, L] -> pooled [B, width] (or [B, head_dim] with a head)."""
+        positions = self.pooled_positions(ids)
+        pooled = jnp.take_along_axis(tokens, positions[:, None, None], axis=1)[:, 0]
+        return self.head(pooled) if self.head is not None else pooled
+
+    def pooled(self, ids: jax.Array) -> jax.Array:
+        """ids int32 [B, L] -> pooled [B, width] (or [B, head_dim]), the same as pool(tokens(ids), ids).
+
+        Pooling reads one position, so the last block computes that row alone (its keys still come
+        from every position): the 12-block CLIP text forward is 7% smaller at 77 tokens.
+        """
+        rows = self.pooled_positions(ids)[:, None]
+        hidden = self.encoder(self.embeddings(ids), is_causal=self.config.causal, query_rows=rows)
+        pooled = self.final_layer_norm(hidden)[:, 0]
         return self.head(pooled) if self.head is not None else pooled
 
 
@@ -436,14 +462,14 @@ class CLIP(nnx.Module):
 
     def encode_image(self, pixels: jax.Array) -> jax.Array:
         """pixels float32 [B, H, W, 3] normalized -> unnormalized embeddings float32 [B, embed_dim]."""
-        pooled = self.vision_model.pool(self.vision_model.tokens(pixels))
+        pooled = self.vision_model.pooled(pixels)
         if self.visual_projection is not None:
             pooled = self.visual_projection(pooled)
         return pooled.astype(jnp.float32)
 
     def encode_text(self, ids: jax.Array) -> jax.Array:
         """ids int32 [B, L] -> unnormalized embeddings float32 [B, embed_dim]."""
-        pooled = self.text_model.pool(self.text_model.tokens(ids), ids)
+        pooled = self.text_model.pooled(ids)
         if self.text_projection is not None:
             pooled = self.text_projection(pooled)
         return pooled.astype(jnp.float32)

@@ -211,16 +211,25 @@ class Attention(nnx.Module):
         key_mask: jax.Array | None = None,
         is_causal: bool = False,
         num_queries: int | None = None,
+        query_rows: jax.Array | None = None,
     ) -> jax.Array:
         """queries [B, T, width], keys_values [B, S, kv_width] (None: self-attention, S = T) -> [B, Q, width].
 
         key_mask: bool [B, S]; False keys are never attended to. None: every key.
         is_causal: query i attends keys 0..i only.
         num_queries: only the first Q query positions are computed; None: Q = T.
+        query_rows: int [B, Q]: only these query positions are computed, in this order (with
+          is_causal, the query at row r attends keys 0..r). None: as num_queries says.
         """
         keys_values = queries if keys_values is None else keys_values
         if num_queries is not None:
             queries = queries[:, :num_queries]
+        if query_rows is not None:
+            queries = jnp.take_along_axis(queries, query_rows[..., None], axis=1)
+            if is_causal:
+                visible = jnp.arange(keys_values.shape[1])[None, None, :] <= query_rows[..., None]  # [B, Q, S]
+                key_mask = visible if key_mask is None else visible & key_mask.astype(bool)[:, None, :]
+                is_causal = False
         return self.attend(queries, *self.project_kv(keys_values), key_mask=key_mask, is_causal=is_causal)
 
     def project_kv(self, keys_values: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -315,6 +324,7 @@ class Block(nnx.Module):
         context: jax.Array | None = None,
         context_mask: jax.Array | None = None,
         num_queries: int | None = None,
+        query_rows: jax.Array | None = None,
         rng: jax.Array | None = None,
     ) -> jax.Array:
         """hidden [B, T, width] -> [B, Q, width].
@@ -323,6 +333,8 @@ class Block(nnx.Module):
         context: [B, S, context_width] for cross-attention (required with it, refused without);
         context_mask: bool [B, S].
         num_queries: only the first Q rows are computed (keys still come from all T); None: Q = T.
+        query_rows: int [B, Q]: only these rows are computed, in this order (keys still come from all
+          T; with is_causal, row r attends rows 0..r); None: as num_queries says.
         rng: PRNG key enabling dropout; None: deterministic.
         """
         if (context is None) != (self.cross_attn is None):
@@ -331,7 +343,9 @@ class Block(nnx.Module):
         sublayers = 2 if self.cross_attn is None else 3
         rngs = list(jax.random.split(rng, sublayers)) if rng is not None else [None] * sublayers
         attended = self.self_attn(self.layer_norm1(hidden), key_mask=key_mask, is_causal=is_causal,
-                                  num_queries=num_queries)
+                                  num_queries=num_queries, query_rows=query_rows)
+        if query_rows is not None:
+            hidden = jnp.take_along_axis(hidden, query_rows[..., None], axis=1)
         hidden = hidden[:, : attended.shape[1]] + dropout(attended, self.dropout, rngs[0])
         if self.cross_attn is not None:
             attended = self.cross_attn(self.cross_attn_layer_norm(hidden), context, key_mask=context_mask)
@@ -367,8 +381,9 @@ class Block(nnx.Module):
         return hidden + self.mlp(self.layer_norm2(hidden)), cache
 
 
-def _apply_block(block: Block, hidden: jax.Array, key_mask: jax.Array | None, is_causal: bool) -> jax.Array:
-    return block(hidden, key_mask=key_mask, is_causal=is_causal)
+def _apply_block(block: Block, hidden: jax.Array, key_mask: jax.Array | None, is_causal: bool,
+                 num_queries: int | None = None, query_rows: jax.Array | None = None) -> jax.Array:
+    return block(hidden, key_mask=key_mask, is_causal=is_causal, num_queries=num_queries, query_rows=query_rows)
 
 
 class Encoder(nnx.Module):
@@ -393,10 +408,13 @@ class Encoder(nnx.Module):
             Block(width, heads, mlp_dim, act, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             for _ in range(depth)])
 
-    def __call__(self, hidden: jax.Array, *, key_mask: jax.Array | None = None,
-                 is_causal: bool = False) -> jax.Array:
-        """hidden [B, T, width], key_mask bool [B, T] or None -> [B, T, width]."""
-        apply = nnx.remat(_apply_block, static_argnums=(3,)) if self.remat else _apply_block
-        for layer in self.layers:
-            hidden = apply(layer, hidden, key_mask, is_causal)
+    def __call__(self, hidden: jax.Array, *, key_mask: jax.Array | None = None, is_causal: bool = False,
+                 num_queries: int | None = None, query_rows: jax.Array | None = None) -> jax.Array:
+        """hidden [B, T, width], key_mask bool [B, T] or None -> [B, T, width], or [B, Q, width] when the
+        last block computes only the rows a pooling reads: the first Q (num_queries) or query_rows int [B, Q]."""
+        apply = nnx.remat(_apply_block, static_argnums=(3, 4)) if self.remat else _apply_block
+        for index, layer in enumerate(self.layers):
+            last = index == len(self.layers) - 1
+            hidden = apply(layer, hidden, key_mask, is_causal, num_queries if last else None,
+                           query_rows if last else None)
         return hidden
