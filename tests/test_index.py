@@ -1,5 +1,6 @@
-"""Memory search: exact/approx on a sharded mesh, ScaNN recall and persistence, exclusion and padding."""
+"""Memory search: exact/approx on a sharded mesh, ScaNN and HNSW recall and persistence, exclusion and padding."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -10,10 +11,13 @@ import textwrap
 import numpy as np
 import pytest
 
+from vlm_jax.errors import UserError
 from vlm_jax.memory import index as index_lib
+from vlm_jax.memory.hnsw import HnswIndex
+from vlm_jax.memory.scann_index import ScannIndex
 from vlm_jax.memory.store import unit_rows
 
-BACKENDS = ("exact", "approx", "scann")
+BACKENDS = ("exact", "approx", "scann", "hnsw")
 
 
 def clustered_unit_vectors(num_rows, dim, *, num_centres, noise, seed):
@@ -145,7 +149,7 @@ def test_scann_save_load_round_trip_gives_identical_results(clustered_memory, sc
     scann_index.save(tmp_path / "saved")
     shutil.move(tmp_path / "saved", tmp_path / "moved")  # relative asset paths survive a move
     restored = index_lib.load_index(tmp_path / "moved")
-    assert isinstance(restored, index_lib.ScannIndex)
+    assert isinstance(restored, ScannIndex)
     assert restored.config == scann_index.config
     for exclude in (None, np.arange(len(queries))):
         expected_scores, expected_ids = scann_index.search(queries, 10, exclude_ids=exclude)
@@ -173,8 +177,8 @@ def test_self_match_exclusion_returns_next_best_neighbours(backend, clustered_me
     queries = keys[:50]
     index = index_lib.build_index({"backend": backend, "num_threads": 1}, keys)
     _, ids = index.search(queries, 10)
-    # ScaNN is approximate: a row may miss itself when its leaf is not among those searched.
-    assert np.mean(ids[:, 0] == np.arange(50)) >= (0.9 if backend == "scann" else 1.0)
+    # ScaNN and HNSW are approximate: a row may miss itself when its leaf (or graph path) is not searched.
+    assert np.mean(ids[:, 0] == np.arange(50)) >= (0.9 if backend in ("scann", "hnsw") else 1.0)
     _, ids = index.search(queries, 10, exclude_ids=np.arange(50))
     assert not (ids == np.arange(50)[:, None]).any()
     assert (ids >= 0).all()
@@ -229,7 +233,8 @@ def test_scann_falls_back_to_brute_force_below_tree_size(caplog):
 
 def test_registry_and_config_errors_name_the_fix(tmp_path):
     assert index_lib.get_index_class("exact") is index_lib.ExactIndex
-    assert index_lib.get_index_class("scann") is index_lib.ScannIndex
+    assert index_lib.get_index_class("scann") is ScannIndex
+    assert index_lib.get_index_class("hnsw") is HnswIndex
     with pytest.raises(ValueError, match="unknown memory index backend 'faiss'"):
         index_lib.get_index_class("faiss")
     with pytest.raises(ValueError, match="unknown memory index config fields"):
@@ -265,3 +270,86 @@ def test_bfloat16_memory_keeps_float32_scores_and_near_exact_neighbours(clustere
     scores, ids = index.search(queries, 10)
     assert scores.dtype == np.float32
     assert recall(ids, numpy_top_k(queries, keys, 10)) >= 0.9
+
+
+@pytest.fixture(scope="module")
+def hnsw_index(clustered_memory):
+    return index_lib.build_index({"backend": "hnsw", "num_threads": 1}, clustered_memory[0])
+
+
+def test_hnsw_recall_at_10_rises_with_ef_search_on_clustered_vectors(clustered_memory, hnsw_index):
+    keys, queries = clustered_memory
+    true_ids = numpy_top_k(queries, keys, 10)
+    assert hnsw_index.config.hnsw_ef_search == 64
+    assert recall(hnsw_index.search(queries, 10)[1], true_ids) >= 0.95
+    wide = hnsw_index.with_search_config(hnsw_ef_search=512)
+    assert wide.graph is hnsw_index.graph
+    assert recall(wide.search(queries, 10)[1], true_ids) >= 0.99
+    scores, ids = wide.search(queries, 10)
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ keys.T, ids, axis=1), atol=1e-5)
+
+
+def test_hnsw_save_load_round_trip_gives_identical_results(clustered_memory, hnsw_index, tmp_path):
+    _, queries = clustered_memory
+    hnsw_index.save(tmp_path / "saved")
+    shutil.move(tmp_path / "saved", tmp_path / "moved")
+    restored = index_lib.load_index(tmp_path / "moved")
+    assert isinstance(restored, HnswIndex) and restored.choice is None
+    assert restored.config == hnsw_index.config
+    for exclude in (None, np.arange(len(queries))):
+        expected_scores, expected_ids = hnsw_index.search(queries, 10, exclude_ids=exclude)
+        scores, ids = restored.search(queries, 10, exclude_ids=exclude)
+        np.testing.assert_array_equal(ids, expected_ids)
+        np.testing.assert_array_equal(scores, expected_scores)
+    wide = index_lib.load_index(tmp_path / "moved", hnsw_ef_search=256)
+    assert wide.config.hnsw_ef_search == 256
+    np.testing.assert_array_equal(wide.search(queries, 10)[1], hnsw_index.with_search_config(hnsw_ef_search=256)
+                                  .search(queries, 10)[1])
+
+
+def test_hnsw_without_faiss_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError
+    keys = clustered_unit_vectors(50, 8, num_centres=3, noise=0.5, seed=10)
+    with pytest.raises(UserError, match=r'pip install "vlm_jax\[hnsw\]"'):
+        index_lib.build_index("hnsw", keys)
+
+
+def test_new_config_fields_are_validated_and_round_trip_through_json():
+    for field, value, message in (("hnsw_m", 0, "hnsw_m must be an integer >= 1"),
+                                  ("hnsw_ef_search", 2.5, "hnsw_ef_search must be an integer >= 1"),
+                                  ("recall_target", 1.5, "recall_target must be in"),
+                                  ("auto_threads", -1, "auto_threads must be an integer >= 0"),
+                                  ("auto_candidates", ("exact", "auto"), "auto_candidates must name"),
+                                  ("auto_candidates", (), "auto_candidates must name"),
+                                  ("auto_confirm", -1, "auto_confirm must be an integer >= 0")):
+        with pytest.raises(ValueError, match=message):
+            index_lib.IndexConfig.from_any({field: value})
+    config = index_lib.IndexConfig.from_any({"backend": "auto", "auto_candidates": ["hnsw", "exact"],
+                                             "auto_threads": 2})
+    assert config.auto_candidates == ("hnsw", "exact")
+    assert index_lib.IndexConfig.from_any(json.loads(json.dumps(dataclasses.asdict(config)))) == config
+
+
+@pytest.mark.parametrize("backend", ["scann", "hnsw"])
+def test_host_rows_appended_out_of_order_keep_their_memory_row_ids(backend, clustered_memory, tmp_path):
+    keys, queries = clustered_memory
+    order = np.random.default_rng(11).permutation(len(keys))
+    index = index_lib.build_index({"backend": backend, "num_threads": 1}, keys[order[:-300]])
+    if backend == "scann":
+        assert index.uses_tree  # appended rows join leaves, with their quantized codes
+    with pytest.raises(ValueError, match="expected row_ids for 4000 rows"):
+        index.add(keys[order[-300:]], order[:-1])
+    index.add(keys[order[-300:]], order)
+    assert index.num_rows == 4000
+    scores, ids = index.search(queries, 10)
+    assert recall(ids, numpy_top_k(queries, keys, 10)) >= 0.95
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ keys.T, ids, axis=1), atol=1e-5)
+    _, excluded = index.search(keys[:50], 10, exclude_ids=np.arange(50))
+    assert not (excluded == np.arange(50)[:, None]).any() and (excluded >= 0).all()
+    index.save(tmp_path)
+    restored = index_lib.load_index(tmp_path)
+    assert restored.num_rows == 4000
+    np.testing.assert_array_equal(restored.row_ids, order)
+    np.testing.assert_array_equal(restored.search(queries, 10)[1], ids)
+    index_lib.build_index({"backend": backend, "num_threads": 1}, keys[:3000]).save(tmp_path)
+    assert index_lib.load_index(tmp_path).row_ids is None  # no stale row map from the index saved before

@@ -11,10 +11,17 @@ Backends (`IndexConfig.backend`):
             candidates are merged into the global top-k. Exact.
   "approx"  the same, with `jax.lax.approx_max_k` per shard (TPU's partial-reduction top-k) at
             `recall_target`.
-  "scann"   ScaNN on the host: k-means tree + anisotropic quantization (AH) + exact reordering,
-            optionally with SOAR spilling. Memories smaller than `min_rows_for_tree` are searched by
-            ScaNN's brute force instead (logged).
-New backends subclass `MemoryIndex` and register with `@register_index("name")`.
+  "scann"   ScaNN on the host (`vlm_jax.memory.scann_index`): k-means tree + anisotropic quantization
+            (AH) + exact reordering, optionally with SOAR spilling. Memories smaller than
+            `min_rows_for_tree` are searched by ScaNN's brute force instead (logged).
+  "hnsw"    FAISS's HNSW graph over the flat keys on the host (`vlm_jax.memory.hnsw`; the optional
+            extra `pip install "vlm_jax[hnsw]"`).
+  "auto"    measures the installed backends of `auto_candidates` on the memory (screened on samples
+            first when it is large) and builds the fastest one that reaches `recall_target`
+            (`vlm_jax.memory.auto`); the index it returns is that backend's, with what was measured
+            in `index.choice` (saved as auto_choice.json).
+New backends subclass `MemoryIndex` (host backends: `vlm_jax.memory.host_index.HostIndex`) and
+register with `@register_index("name")`.
 
 Ids. The id of a neighbour is the row of `keys` it came from: row i of the array given to
 `build_index` has id i. Callers that hold memory values (texts, images, labels) in row order index
@@ -26,11 +33,12 @@ similarities; otherwise they are raw dot products.
 Exclusion. `search(..., exclude_ids=...)` drops given memory rows per query (e.g. the query's own row
 when training on data that is also in memory), and `dedup_threshold` drops every neighbour whose score
 with the query is >= the threshold (near-duplicates of the query). Device backends mask those rows
-before their top-k, so the result is the exact top-k of what remains. ScaNN over-retrieves
-k + (number of excluded ids) + `dedup_margin` neighbours, filters them, and searches again with twice
-as many for the queries left with fewer than k, until k remain or the search returns no more. Every
-search returns exactly k columns; where fewer than k neighbours remain (k > N - excluded, or an
-approximate search that found fewer) the missing tail of a row has id -1 and score -inf.
+before their top-k, so the result is the exact top-k of what remains. Host backends (ScaNN, HNSW)
+over-retrieve k + (number of excluded ids) + `dedup_margin` neighbours, filter them, and search again
+with twice as many for the queries left with fewer than k, until k remain or the search returns no
+more (`vlm_jax.memory.host_index`). Every search returns exactly k columns; where fewer than k neighbours remain
+(k > N - excluded, or an approximate search that found fewer) the missing tail of a row has id -1 and
+score -inf.
 """
 
 from __future__ import annotations
@@ -39,19 +47,19 @@ import abc
 import copy
 import dataclasses
 import functools
+import importlib
 import json
-import math
 from typing import Any, ClassVar, Mapping
 
 import jax
 import numpy as np
-from absl import logging
 from etils import epath
 
 from vlm_jax.memory import device
 from vlm_jax.memory.store import unit_rows
 
 _METADATA_FILE = "index.json"
+AUTO_CHOICE_FILE = "auto_choice.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +67,7 @@ class IndexConfig:
     """Memory-search settings; fields a backend does not use are ignored by it.
 
     Shared:
-      backend: registered backend name ("exact", "approx", "scann").
+      backend: registered backend name ("exact", "approx", "scann", "hnsw") or "auto".
       normalize: L2-normalize keys and queries (cosine scores).
       batch_size: queries per search step.
       dedup_threshold: drop neighbours scoring >= this with the query (None: keep all).
@@ -67,8 +75,9 @@ class IndexConfig:
     Device backends ("exact", "approx"):
       mesh_axes: mesh axes the memory rows are sharded over (None: all axes of the mesh).
       dtype: storage and matmul-input dtype of the memory ("float32" or "bfloat16"); scores are float32.
-      recall_target: per-shard recall target of `jax.lax.approx_max_k` ("approx" only).
-    ScaNN (None means: chosen from the memory size N when the index is built, see `_resolve_scann`):
+      recall_target: per-shard recall target of `jax.lax.approx_max_k` ("approx"); the recall@auto_k
+        the backend "auto" picks must reach.
+    ScaNN (None means: chosen from the memory size N when built, see `vlm_jax.memory.scann_index`):
       num_leaves, leaves_to_search, training_sample_size: k-means tree partitioning.
       spherical: unit-norm leaf centroids, the right geometry for normalized keys (higher recall per
         leaf searched on cosine data).
@@ -77,6 +86,17 @@ class IndexConfig:
       soar_lambda, overretrieve_factor: SOAR spilling (each row also joins a second, near-orthogonal leaf).
       num_threads: build and search threads (0: all cores; 1: the calling thread only).
       min_rows_for_tree: smaller memories use ScaNN brute force instead of a tree.
+    HNSW (also searched with num_threads threads):
+      hnsw_m: graph degree (links per row and layer).
+      hnsw_ef_construction: beam width while the graph is built.
+      hnsw_ef_search: beam width of a search (never below the neighbours fetched).
+    Auto (`vlm_jax.memory.auto`):
+      auto_candidates: backends measured, those installed; exact is the fallback either way.
+      auto_sample_rows: a larger memory is screened on a sample of this many rows first.
+      auto_queries: memory rows held out of every measured index as its queries.
+      auto_k: neighbours per query whose recall is measured.
+      auto_threads: threads every candidate is measured with (None: num_threads).
+      auto_confirm: approximate candidates, fastest on the screen first, then measured on the memory.
     """
 
     backend: str = "exact"
@@ -98,6 +118,33 @@ class IndexConfig:
     overretrieve_factor: float | None = 2.0
     num_threads: int = 0
     min_rows_for_tree: int = 2048
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 64
+    auto_candidates: tuple[str, ...] = ("exact", "scann", "hnsw")
+    auto_sample_rows: int = 100_000
+    auto_queries: int = 1000
+    auto_k: int = 10
+    auto_threads: int | None = None
+    auto_confirm: int = 2
+
+    def __post_init__(self):
+        if not isinstance(self.backend, str):
+            raise ValueError(f"backend must be a backend name, got {self.backend!r}.")
+        for name in ("batch_size", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "auto_sample_rows",
+                     "auto_queries", "auto_k"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}.")
+        for name in ("num_threads", "auto_threads", "auto_confirm"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
+        if not 0.0 < self.recall_target <= 1.0:
+            raise ValueError(f"recall_target must be in (0, 1], got {self.recall_target!r}.")
+        candidates = self.auto_candidates
+        if not candidates or any(not isinstance(name, str) or name == "auto" for name in candidates):
+            raise ValueError(f"auto_candidates must name one or more backends other than 'auto', got "
+                             f"{self.auto_candidates!r}.")
 
     @classmethod
     def from_any(cls, config: "IndexConfig | Mapping[str, Any] | str") -> "IndexConfig":
@@ -113,16 +160,16 @@ class IndexConfig:
                 f"unknown memory index config fields {unknown}; valid fields are "
                 f"{[field.name for field in dataclasses.fields(cls)]}."
             )
-        if values.get("mesh_axes") is not None:
-            values["mesh_axes"] = tuple(values["mesh_axes"])
+        for name in ("mesh_axes", "auto_candidates"):  # JSON and ml_collections hand back lists
+            if values.get(name) is not None:
+                values[name] = tuple(values[name])
         return cls(**values)
 
 
 # Fields that change how a built index is searched without changing the index itself.
-_QUERY_TIME_FIELDS = frozenset(
-    {"batch_size", "dedup_threshold", "dedup_margin", "recall_target", "leaves_to_search", "reorder_k"}
-)
-# `load_index` may also re-place the memory (device backends) and resize ScaNN's thread pool.
+_QUERY_TIME_FIELDS = frozenset({"batch_size", "dedup_threshold", "dedup_margin", "recall_target", "leaves_to_search",
+                                "reorder_k", "hnsw_ef_search"})
+# `load_index` may also re-place the memory (device backends) and resize a host backend's thread pool.
 _LOAD_TIME_FIELDS = _QUERY_TIME_FIELDS | {"mesh_axes", "dtype", "num_threads"}
 
 
@@ -135,6 +182,8 @@ class MemoryIndex(abc.ABC):
         self.config = config
         self.num_rows = num_rows
         self.dim = dim
+        # What backend "auto" measured to pick this index (`vlm_jax.memory.auto`); None otherwise.
+        self.choice: dict[str, Any] | None = None
 
     @classmethod
     @abc.abstractmethod
@@ -203,7 +252,7 @@ class MemoryIndex(abc.ABC):
 
     def with_search_config(self, **overrides: Any) -> "MemoryIndex":
         """The same built index searched with other query-time settings (leaves_to_search, reorder_k,
-        dedup_threshold, recall_target, batch_size, dedup_margin); shares the index's memory."""
+        hnsw_ef_search, dedup_threshold, recall_target, batch_size, dedup_margin); shares the index's memory."""
         fixed = sorted(set(overrides) - _QUERY_TIME_FIELDS)
         if fixed:
             raise ValueError(f"config fields {fixed} cannot change on a built index; use {sorted(_QUERY_TIME_FIELDS)}.")
@@ -222,6 +271,10 @@ class MemoryIndex(abc.ABC):
             "dim": self.dim,
             "config": dataclasses.asdict(self.config),
         }
+        if self.choice is not None:
+            (path / AUTO_CHOICE_FILE).write_text(json.dumps(self.choice, indent=2))
+        elif (path / AUTO_CHOICE_FILE).exists():  # left by an index saved here before
+            (path / AUTO_CHOICE_FILE).unlink()
         (path / _METADATA_FILE).write_text(json.dumps(metadata, indent=2))
 
     def _exclusion_matrix(self, exclude_ids: np.ndarray | None, num_queries: int) -> np.ndarray:
@@ -241,6 +294,10 @@ class MemoryIndex(abc.ABC):
 
 
 _INDEX_CLASSES: dict[str, type[MemoryIndex]] = {}
+# Backends in modules of their own, imported when first named (so their optional dependencies are too).
+_BACKEND_MODULES = {"scann": "vlm_jax.memory.scann_index", "hnsw": "vlm_jax.memory.hnsw"}
+# "auto" measures every backend, so its module imports this one: it too is loaded by name, when named.
+_AUTO_MODULE = "vlm_jax.memory.auto"
 
 
 def register_index(name: str):
@@ -258,8 +315,11 @@ def register_index(name: str):
 
 def get_index_class(name: str) -> type[MemoryIndex]:
     """Returns the MemoryIndex subclass registered under `name`."""
+    if name not in _INDEX_CLASSES and name in _BACKEND_MODULES:
+        importlib.import_module(_BACKEND_MODULES[name])
     if name not in _INDEX_CLASSES:
-        raise ValueError(f"unknown memory index backend {name!r}; expected one of {sorted(_INDEX_CLASSES)}.")
+        names = sorted(set(_INDEX_CLASSES) | set(_BACKEND_MODULES))
+        raise ValueError(f"unknown memory index backend {name!r}; expected one of {names} or 'auto'.")
     return _INDEX_CLASSES[name]
 
 
@@ -268,7 +328,8 @@ def build_index(
 ) -> MemoryIndex:
     """Builds the configured backend over `keys` (float [N, D]); row i of `keys` gets id i.
 
-    `mesh` places the device backends (None: a 1-D mesh over all devices); ScaNN ignores it.
+    `mesh` places the device backends (None: a 1-D mesh over all devices); host backends ignore it.
+    Backend "auto" returns the index of the backend it picks (`vlm_jax.memory.auto`).
     """
     config = IndexConfig.from_any(config)
     keys = np.asanyarray(keys)
@@ -276,6 +337,8 @@ def build_index(
         raise ValueError(f"expected keys of shape [N, D] with N >= 1, got {keys.shape}.")
     # unit_rows converts and normalizes in one chunked pass, and hands float32 unit rows back uncopied.
     keys = unit_rows(keys) if config.normalize else np.asarray(keys, dtype=np.float32)
+    if config.backend == "auto":
+        return importlib.import_module(_AUTO_MODULE).build_auto(config, keys, mesh)
     return get_index_class(config.backend).build(config, keys, mesh)
 
 
@@ -294,7 +357,10 @@ def load_index(directory: str | epath.PathLike, mesh: jax.sharding.Mesh | None =
     if fixed:
         raise ValueError(f"config fields {fixed} are fixed when the index is built; rebuild it to change them.")
     config = IndexConfig.from_any({**metadata["config"], **overrides})
-    return get_index_class(metadata["backend"]).restore(path, config, metadata["num_rows"], metadata["dim"], mesh)
+    index = get_index_class(metadata["backend"]).restore(path, config, metadata["num_rows"], metadata["dim"], mesh)
+    if (path / AUTO_CHOICE_FILE).exists():
+        index.choice = json.loads((path / AUTO_CHOICE_FILE).read_text())
+    return index
 
 
 class _DeviceIndex(MemoryIndex):
@@ -362,119 +428,3 @@ class ApproxIndex(_DeviceIndex):
     """`jax.lax.approx_max_k` per shard (fast on TPU; exact on CPU/GPU backends that lack it)."""
 
     approximate = True
-
-
-def _resolve_scann(config: IndexConfig, num_rows: int) -> IndexConfig:
-    """Fills unset ScaNN fields from the memory size N.
-
-    num_leaves ~ sqrt(N) (each leaf holds ~sqrt(N) rows), leaves_to_search = 5% of the leaves with SOAR
-    and 10% without (never fewer than 8), training sample = min(N, 250k), reorder_k = 200.
-    """
-    num_leaves = config.num_leaves or max(2, round(math.sqrt(num_rows)))
-    fraction = 0.05 if config.soar_lambda is not None else 0.1
-    leaves_to_search = config.leaves_to_search or min(num_leaves, max(8, math.ceil(fraction * num_leaves)))
-    return dataclasses.replace(
-        config,
-        num_leaves=num_leaves,
-        leaves_to_search=leaves_to_search,
-        training_sample_size=config.training_sample_size or min(num_rows, 250_000),
-        reorder_k=config.reorder_k or 200,
-    )
-
-
-@register_index("scann")
-class ScannIndex(MemoryIndex):
-    """ScaNN tree + AH + exact reordering on the host (brute force for memories below min_rows_for_tree)."""
-
-    def __init__(self, config: IndexConfig, searcher, num_rows: int, dim: int):
-        super().__init__(config, num_rows, dim)
-        self.searcher = searcher
-        self.uses_tree = config.num_leaves is not None
-        if config.num_threads > 0:
-            searcher.set_num_threads(config.num_threads)
-
-    @classmethod
-    def build(cls, config, keys, mesh):
-        from scann.scann_ops.py import scann_ops_pybind
-
-        num_rows = keys.shape[0]
-        builder = scann_ops_pybind.builder(keys, 10, "dot_product").set_n_training_threads(config.num_threads)
-        if num_rows < config.min_rows_for_tree:
-            logging.warning(
-                "memory of %d rows is below min_rows_for_tree=%d: ScaNN searches it by brute force (exact).",
-                num_rows,
-                config.min_rows_for_tree,
-            )
-            config = dataclasses.replace(config, num_leaves=None, leaves_to_search=None, training_sample_size=None)
-            searcher = builder.score_brute_force().build()
-        else:
-            config = _resolve_scann(config, num_rows)
-            searcher = (
-                builder.tree(
-                    num_leaves=config.num_leaves,
-                    num_leaves_to_search=config.leaves_to_search,
-                    training_sample_size=config.training_sample_size,
-                    spherical=config.spherical,
-                    soar_lambda=config.soar_lambda,
-                    overretrieve_factor=config.overretrieve_factor if config.soar_lambda is not None else None,
-                )
-                .score_ah(
-                    config.dims_per_block,
-                    anisotropic_quantization_threshold=config.anisotropic_quantization_threshold,
-                    training_sample_size=config.training_sample_size,
-                )
-                .reorder(config.reorder_k)
-                .build()
-            )
-        return cls(config, searcher, num_rows, keys.shape[1])
-
-    @classmethod
-    def restore(cls, directory, config, num_rows, dim, mesh):
-        from scann.scann_ops.py import scann_ops_pybind
-
-        return cls(config, scann_ops_pybind.load_searcher(str(directory / "scann")), num_rows, dim)
-
-    def _save_state(self, directory):
-        assets = directory / "scann"
-        assets.mkdir(parents=True, exist_ok=True)
-        # Relative asset paths keep the saved index valid after the directory is moved or copied.
-        self.searcher.serialize(str(assets), relative_path=True)
-
-    def _search_batch(self, queries, k, exclude_ids):
-        threshold = self.config.dedup_threshold
-        margin = self.config.dedup_margin if threshold is not None else 0
-        num_excluded = int((exclude_ids >= 0).sum(axis=1).max()) if exclude_ids.size else 0
-        fetch = min(self.num_rows, k + num_excluded + margin)
-        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        ids = np.full((len(queries), k), -1, dtype=np.int64)
-        pending = np.arange(len(queries))
-        while len(pending):
-            found_ids, found_scores = self._scann_search(queries[pending], fetch)
-            found_ids = found_ids.astype(np.int64)
-            # ScaNN fills slots it could not fill with NaN scores.
-            exhausted = np.isnan(found_scores).any(axis=1) | (fetch >= self.num_rows)
-            keep = ~np.isnan(found_scores)
-            if exclude_ids.shape[1]:
-                keep &= ~(found_ids[:, :, None] == exclude_ids[pending][:, None, :]).any(axis=2)
-            if threshold is not None:
-                keep &= found_scores < threshold
-            # A stable sort moves kept neighbours to the front and keeps them in score order.
-            order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
-            kept = np.take_along_axis(keep, order, axis=1)
-            scores[pending, : order.shape[1]] = np.where(kept, np.take_along_axis(found_scores, order, axis=1), -np.inf)
-            ids[pending, : order.shape[1]] = np.where(kept, np.take_along_axis(found_ids, order, axis=1), -1)
-            short = (keep.sum(axis=1) < k) & ~exhausted
-            pending = pending[short]
-            fetch = min(self.num_rows, 2 * fetch)
-        return scores, ids
-
-    def _scann_search(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
-        """ids uint32 [B, fetch] and scores float32 [B, fetch] (NaN where ScaNN found nothing)."""
-        kwargs = {"final_num_neighbors": fetch}
-        if self.uses_tree:
-            kwargs["pre_reorder_num_neighbors"] = max(self.config.reorder_k, fetch)
-            kwargs["leaves_to_search"] = self.config.leaves_to_search
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if self.config.num_threads == 1:
-            return self.searcher.search_batched(queries, **kwargs)
-        return self.searcher.search_batched_parallel(queries, **kwargs)

@@ -298,8 +298,10 @@ def ranking_data_stage(runs: RarRuns, config, context: Mapping[str, Any]) -> epa
         count = write_conversations(epath.Path(directory) / "ranking.jsonl", examples)
         logging.info("Ranking fine-tune data: %d conversations in %s.", count, directory)
 
+    # Index fields at their defaults stay out of the key: a new backend's fields rebuild nothing.
     return epath.Path(cached_run(key, build, root=config.cache_dir or None,
-                                 finished=lambda directory: (directory / "ranking.jsonl").exists()))
+                                 finished=lambda directory: (directory / "ranking.jsonl").exists(),
+                                 defaults={"ranking_data": {"index": dataclasses.asdict(IndexConfig())}}))
 
 
 def finetuned_mllm(config, base_dir: str, data: epath.Path) -> str:
