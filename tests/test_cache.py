@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 import textwrap
@@ -21,7 +20,7 @@ def _config(**changes):
     return config
 
 
-def test_same_config_reuses_one_directory_and_builds_once(tmp_path, caplog):
+def test_same_config_reuses_one_directory_and_builds_once(tmp_path, capsys):
     calls = []
 
     def build(directory):
@@ -29,11 +28,11 @@ def test_same_config_reuses_one_directory_and_builds_once(tmp_path, caplog):
         (directory / "export").mkdir()
 
     first = cache.cached_run(_config(), build, root=tmp_path, dataset_version="v1")
-    with caplog.at_level(logging.INFO):
-        second = cache.cached_run(_config(), build, root=tmp_path, dataset_version="v1")
+    capsys.readouterr()
+    second = cache.cached_run(_config(), build, root=tmp_path, dataset_version="v1")
     assert first == second and calls == [first]
     assert (first / "export").is_dir()
-    assert f"reusing cached base model at {first}" in caplog.text
+    assert capsys.readouterr().out == f"reusing cached base model at {first}\n"  # a console line
     marker = json.loads((first / cache.MARKER).read_text())
     assert marker["config"]["model"]["stem"] == "conv" and marker["dataset_version"] == "v1"
 

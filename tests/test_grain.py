@@ -58,7 +58,9 @@ def test_decoder_outputs_have_the_documented_shapes_and_ranges():
 def test_global_residual_starts_at_the_clips_own_image_embedding():
     model = _model(global_residual=True)
     images = jnp.asarray(_batch()["image"])
-    np.testing.assert_array_equal(model.encode_image(images), model.clip.encode_image(images))
+    # The same embedding up to float rounding: the CLIP's own path computes its last block for the
+    # class token alone, GRAIN's for every token (the decoder reads them all).
+    np.testing.assert_allclose(model.encode_image(images), model.clip.encode_image(images), rtol=1e-5, atol=1e-6)
     literal = _model(global_residual=False)
     assert not np.allclose(literal.encode_image(images), literal.clip.encode_image(images))
 

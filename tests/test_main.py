@@ -140,7 +140,7 @@ def test_debug_mode_also_prints_the_traceback_of_a_user_error(tmp_path, debug):
                       timeout=120, env={} if debug else {"VLM_JAX_DEBUG": "1"})
     assert result.returncode == EXIT_USER_ERROR
     assert "Traceback (most recent call last)" in result.stderr and "check_config" in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: clip_dir is not set")
+    assert output_lines(result.stderr)[-1].startswith("error: clip_dir is not set")
 
 
 def test_report_maps_each_ending_to_its_exit_code_and_one_line(capsys, monkeypatch):

@@ -144,7 +144,9 @@ def test_smoke_run_recaptions_once_trains_every_row_and_prints_the_table(tmp_pat
     config.cache_dir = str(tmp_path / "cache")
     config.data_dir = str(tmp_path / "tfds")
     results = recap.recap_task(config, tmp_path / "work")
-    table = capsys.readouterr().out
+    out = capsys.readouterr().out
+    table = (tmp_path / "work" / "results.txt").read_text()
+    assert table.split("\n{")[0] in out  # the table printed, below the stage and run lines
     for label in config.variant_labels.values():
         assert label in table
     assert table.index("CLIP, original captions") < table.index("recaptions (p=0)") < table.index("oracle")

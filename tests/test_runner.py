@@ -215,6 +215,8 @@ def test_a_run_function_replaces_training_and_counted_metrics_are_summed_over_se
                                   for i in range(2))
     assert results["base/fallback/unparseable"] == 3.0 and results["base/fallback/duplicate"] == 0.0
     assert results["baseline/m"] == 0.5 and results["baseline/other"] != results["baseline/other"]  # nan
-    table = capsys.readouterr().out
+    out = capsys.readouterr().out
+    table = (tmp_path / "results.txt").read_text()
+    assert table.split("\n{")[0] in out  # printed below the run lines
     assert table.splitlines()[1].split()[-1] == "-"  # the baseline has no "other"
     assert "base, summed over seeds: fallback/unparseable 3" in table and "duplicate" not in table
