@@ -410,6 +410,10 @@ def test_the_cli_redraws_a_finished_workdir_and_refuses_one_without_config(tmp_p
     assert done.stdout.split() == expected
     sizes = [figure_size(f(Workdir.read(tmp_path / "reco"))) for f in (reco.accuracy_figure, reco.k_figure)]
     assert [png_size(path) for path in expected] == sizes
+    assert not [line for line in done.stderr.splitlines() if line.startswith("I")], done.stderr  # no INFO lines
+    logged = [line.rpartition("] ")[2] for line in (tmp_path / "reco" / "log.txt").read_text().splitlines()]
+    assert [message for message in logged if message in expected] == expected  # the printed paths, logged
+    assert f"Wrote {expected[0]}" in logged  # and the INFO line the console left out
     missing = subprocess.run([sys.executable, "-m", "vlm_jax.plots", str(tmp_path / "none")], capture_output=True,
                              text=True, timeout=120)
     assert missing.returncode == 2 and missing.stderr.strip().endswith("has no config.json; give the workdir of a "
