@@ -259,7 +259,15 @@ def model_for(name: str, *, dtype: str, remat: bool):
 
     if name not in ("vit_b32", "vit_b16", "tiny"):
         raise ValueError(f"--shapes entry {name!r} is not one of vit_b32, vit_b16, tiny.")
-    return getattr(models, name)(dtype=dtype, param_dtype="float32", remat=remat)
+    # Unrolled: XLA's cost analysis counts a while loop's body once, so a scanned tower (the default,
+    # `CLIPConfig.scan_layers`) would count one block of its loop. The program per block is the same.
+    return getattr(models, name)(dtype=dtype, param_dtype="float32", remat=remat, scan_layers=False)
+
+
+def step_flops(model_config, batch: int) -> float:
+    """XLA's FLOPs of the train step of `model_config` at `batch`, counted on its unrolled form (the
+    cost analysis counts a scanned loop's body once); compiled on abstract shapes, nothing runs."""
+    return xla_flops(compile_abstract_step(*clip_setup(model_config.replace(scan_layers=False), batch))[1])
 
 
 def print_table(rows: list[dict]) -> None:

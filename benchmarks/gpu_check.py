@@ -5,7 +5,8 @@ Run through benchmarks/gpu_check.sh, which first makes sure JAX has a GPU backen
 1. Train step (ViT-B/16, bfloat16 compute, float32 master weights and moments, batch 256), without and
    with remat (`model.remat`): the trainer's step (`trainer.build_training` on `ClipMethod`), compiled,
    warmed up, then `--steps` steps dispatched back to back. Achieved FLOP/s is XLA's count of the
-   compiled step (`cost_analysis()["flops"]`, remat's recomputation included) over the step time;
+   compiled step (`cost_analysis()["flops"]`, remat's recomputation included; counted on the unrolled
+   step, since the analysis counts a scanned loop's body once) over the step time;
    `xla_flops_utilization` divides it by the device's peak, `mfu` divides the analytic 3x forward count
    (benchmarks/flops.py, no recomputation) by the same time and peak.
 2. Encode throughput (ViT-B/16, batch 256, bfloat16): our jitted `encode_image` / `encode_text` against
@@ -86,7 +87,7 @@ def train_step_utilization(model_name: str, batch: int, *, remat: bool, steps: i
 
     from vlm_jax.train import sharding
 
-    model_config = flops.model_for(model_name, dtype="bfloat16", remat=remat)
+    model_config = flops.model_for(model_name, dtype="bfloat16", remat=remat).replace(scan_layers=True)  # as trained
     ours = train_step.build_trainer_step(*flops.clip_setup(model_config, batch))
     training = ours.training
     inputs = sharding.shard_batch(train_step.make_batch(ours.model_config, batch), training.mesh, training.batch_axes)
@@ -105,7 +106,7 @@ def train_step_utilization(model_name: str, batch: int, *, remat: bool, steps: i
     start = time.perf_counter()
     metrics = run(steps)
     step_s = (time.perf_counter() - start) / steps
-    xla_flops = flops.xla_flops(compiled)
+    xla_flops = flops.step_flops(ours.model_config, batch)  # the scanned step's own count has one block per loop
     model_flops = batch * flops.train_flops_per_pair(ours.model_config, batch)
     row = dict(model=model_name, remat=remat, batch=batch, steps=steps, step_s=step_s, samples_per_s=batch / step_s,
                compile_s=compile_s, loss=float(metrics["loss"]), xla_flops_per_step=xla_flops,
@@ -136,7 +137,7 @@ def encode_rows(model_name: str, batch: int, iters: int, *, compile_too: bool) -
     from vlm_jax import models
     from vlm_jax.weights import load_model, save_pretrained
 
-    config = flops.model_for(model_name, dtype="float32", remat=False)
+    config = flops.model_for(model_name, dtype="float32", remat=False).replace(scan_layers=True)  # as loaded
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as directory:
         save_pretrained(models.CLIP(config, rngs=nnx.Rngs(0)), directory)

@@ -113,6 +113,37 @@ def test_remat_keeps_outputs_and_gradients():
         np.testing.assert_allclose(np.asarray(got[...]), np.asarray(want[...]), atol=1e-5, err_msg=str(path))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_blocks_keep_the_params_outputs_and_gradients_of_unrolled_ones(remat):
+    base = tiny(remat=remat)
+    config = base.replace(vision=dataclasses.replace(base.vision, depth=3), text=dataclasses.replace(base.text, depth=4))
+    unrolled = CLIP(config.replace(scan_layers=False), rngs=nnx.Rngs(0))
+    scanned = CLIP(config.replace(scan_layers=True), rngs=nnx.Rngs(0))
+    unrolled_state, scanned_state = nnx.to_flat_state(nnx.state(unrolled)), nnx.to_flat_state(nnx.state(scanned))
+    assert [path for path, _ in scanned_state] == [path for path, _ in unrolled_state]  # layers.<i> as before
+    pixels, ids = _inputs(config)
+    for name in ("encode_image", "encode_text", "image_tokens"):
+        inputs = ids if name == "encode_text" else pixels
+        np.testing.assert_allclose(np.asarray(getattr(scanned, name)(inputs)),
+                                   np.asarray(getattr(unrolled, name)(inputs)), atol=1e-5, err_msg=name)
+    grad_fn = nnx.jit(nnx.value_and_grad(_loss))
+    want_loss, want_grads = grad_fn(unrolled, pixels, ids)
+    got_loss, got_grads = grad_fn(scanned, pixels, ids)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    for (path, want), (_, got) in zip(nnx.to_flat_state(want_grads), nnx.to_flat_state(got_grads)):
+        np.testing.assert_allclose(np.asarray(got[...]), np.asarray(want[...]), atol=1e-5, err_msg=str(path))
+
+    def compiled_text(model):
+        graphdef, state = nnx.split(model)
+        loss = lambda state: _loss(nnx.merge(graphdef, state), pixels, ids)  # noqa: E731
+        return jax.jit(jax.grad(loss)).lower(state).compile().as_text()
+
+    # The scanned towers loop over their blocks (forward and backward); the unrolled ones have no loop.
+    assert compiled_text(scanned).count(" while(") >= 2
+    assert " while(" not in compiled_text(unrolled)
+
+
 def test_causal_text_embedding_ignores_tokens_after_eos_and_siglip_sees_them():
     for kind, affected in (("clip", False), ("siglip", True)):
         model = CLIP(tiny(kind), rngs=nnx.Rngs(0))

@@ -387,7 +387,16 @@ def _apply_block(block: Block, hidden: jax.Array, key_mask: jax.Array | None, is
 
 
 class Encoder(nnx.Module):
-    """A stack of self-attention Blocks (``layers.<i>``), optionally rematerialized per block."""
+    """A stack of self-attention Blocks (``layers.<i>``), optionally rematerialized per block.
+
+    scan: run the blocks but the last as one `jax.lax.scan` over their params, stacked at call time
+    (the last block runs alone, since it may compute only the rows a pooling reads). The params keep
+    their per-block layout (``layers.<i>``, transformers' names); the loop gives XLA one block to
+    compile, so fusion cannot reach across blocks. Unrolled, XLA's CPU backend fuses the backward
+    residual stream's LayerNorm gradients of later blocks into each earlier block's fusions and
+    recomputes them: ViT-B/32's train step spent more time in those fusions than in its matmuls
+    (benchmarks/profile_towers.py, RESULTS.md). The stacking copies the blocks' params once per call.
+    """
 
     def __init__(
         self,
@@ -399,11 +408,13 @@ class Encoder(nnx.Module):
         *,
         eps: float,
         remat: bool = False,
+        scan: bool = False,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.remat = remat
+        self.scan = scan
         self.layers = nnx.List([
             Block(width, heads, mlp_dim, act, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             for _ in range(depth)])
@@ -413,8 +424,17 @@ class Encoder(nnx.Module):
         """hidden [B, T, width], key_mask bool [B, T] or None -> [B, T, width], or [B, Q, width] when the
         last block computes only the rows a pooling reads: the first Q (num_queries) or query_rows int [B, Q]."""
         apply = nnx.remat(_apply_block, static_argnums=(3, 4)) if self.remat else _apply_block
-        for index, layer in enumerate(self.layers):
-            last = index == len(self.layers) - 1
-            hidden = apply(layer, hidden, key_mask, is_causal, num_queries if last else None,
-                           query_rows if last else None)
-        return hidden
+        *blocks, last = self.layers
+        if self.scan and blocks:
+            graphdef = nnx.graphdef(blocks[0])
+            stacked = jax.tree.map(lambda *params: jnp.stack(params), *(nnx.state(block) for block in blocks))
+
+            def body(carry: jax.Array, params) -> tuple[jax.Array, None]:
+                return _apply_block(nnx.merge(graphdef, params), carry, key_mask, is_causal), None
+
+            hidden, _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False) if self.remat else body, hidden,
+                                     stacked)
+        else:
+            for layer in blocks:
+                hidden = apply(layer, hidden, key_mask, is_causal)
+        return apply(last, hidden, key_mask, is_causal, num_queries, query_rows)
