@@ -20,6 +20,13 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} logical cores, {memory_gb:.0f} GB RAM, {platform.system()} {platform.release()}"
 
 
+def append_xla_flags(flags: str) -> None:
+    """Appends `flags` to XLA_FLAGS and defaults JAX_PLATFORMS to cpu; call before jax is imported."""
+    if flags:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
 def exact_top_k(keys, queries, k: int, chunk: int = 100_000):
     """int64 [Q, k] exact top-k rows of `keys` [N, D] by dot product with `queries` [Q, D], scoring
     `chunk` rows at a time so that [Q, N] scores never sit in memory at once (keys may be memory-mapped)."""

@@ -58,9 +58,7 @@ def _interleaved(ours, reference, iters: int) -> tuple[list[float], list[float]]
 
 def main() -> None:
     args = _parse_args()
-    if args.xla_flags:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    bench_common.append_xla_flags(args.xla_flags)
 
     import jax
     import numpy as np

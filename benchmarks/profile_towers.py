@@ -317,9 +317,7 @@ def _timed(fn, iters: int) -> float:
 
 def main() -> None:
     args = _parse_args()
-    if args.xla_flags:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    bench_common.append_xla_flags(args.xla_flags)
     import jax
     import torch
 
