@@ -4,6 +4,7 @@ import json
 import pathlib
 
 import ml_collections
+import numpy as np
 import pytest
 
 from vlm_jax.config_lib import ConfigError
@@ -177,11 +178,15 @@ def test_summary_gives_mean_sample_std_and_range_over_seeds_and_the_table_shows_
     assert results["baseline/m"] == 0.2
     assert results["reco/m"] == pytest.approx(0.6) and results["reco/m/std"] == pytest.approx(0.1)
     assert (results["reco/m/min"], results["reco/m/max"], results["reco/m/seed_2"]) == (0.5, 0.7, 0.7)
-    assert results["mean/m/std"] == 0.0
+    assert np.isnan(results["mean/m/std"])  # one seed: undefined, not zero
     table = runner.format_table(results, {"baseline": "CLIP", "reco": "RECO", "mean": "mean"}, [("m", "metric")], 3)
     lines = table.splitlines()
     assert lines[1].startswith("CLIP") and lines[1].rstrip().endswith("20.0")  # the baseline row has no ± std
-    assert "60.0 ± 10.0" in lines[2] and "30.0 ± 0.0" in lines[3] and "3 seed" in lines[-1]
+    assert "60.0 ± 10.0" in lines[2] and lines[3].rstrip().endswith("30.0") and "±" not in lines[3]
+    assert lines[-1] == "(in %; variant rows: mean ± sample std over 3 seeds)"
+    one_seed = runner.format_table(runner.summarize({}, {"reco": [{"m": 0.5}]}, ["m"]), {"reco": "RECO"},
+                                   [("m", "metric")], 1).splitlines()
+    assert one_seed[1].rstrip().endswith("50.0") and "±" not in one_seed[1] and one_seed[-1] == "(in %; one seed)"
 
 
 def test_evaluator_skip_counts_reach_results_json_and_the_table_footnote(tmp_path, monkeypatch, capsys):

@@ -340,14 +340,15 @@ def variant_configs(config, base: ml_collections.ConfigDict) -> dict[str, ml_col
 def summarize(baseline_metrics: Mapping[str, float], runs: Mapping[str, Sequence[Mapping[str, float]]],
               metrics: Sequence[str]) -> dict[str, float]:
     """Flat results: "baseline/<metric>" (nan where the baseline has no such metric), "<variant>/<metric>"
-    (mean over seeds), ".../std" (sample std), ".../min", ".../max", ".../seed_<i>"."""
+    (mean over seeds), ".../std" (sample std; nan for one seed, where it is undefined), ".../min", ".../max",
+    ".../seed_<i>"."""
     results = {f"baseline/{metric}": float(baseline_metrics.get(metric, float("nan"))) for metric in metrics}
     for variant, variant_runs in runs.items():
         for metric in metrics:
             # A metric a row lacks (an evaluator only some rows run) is nan, shown as "-".
             values = np.asarray([run.get(metric, np.nan) for run in variant_runs], np.float64)
             results[f"{variant}/{metric}"] = float(values.mean())
-            results[f"{variant}/{metric}/std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            results[f"{variant}/{metric}/std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
             results[f"{variant}/{metric}/min"] = float(values.min())
             results[f"{variant}/{metric}/max"] = float(values.max())
             for index, value in enumerate(values):
@@ -364,7 +365,8 @@ def skip_counts(prefix: str, metrics: Mapping[str, float]) -> dict[str, float]:
 
 def format_table(results: Mapping[str, float], rows: Mapping[str, str], columns: Sequence[Sequence[str]],
                  seeds: int) -> str:
-    """A plain-text table of `results` (percent; variant rows: mean ± std over seeds)."""
+    """A plain-text table of `results` (percent; variant rows: mean ± std over seeds, the mean alone where
+    the std is undefined: a baseline, or a row of one seed)."""
     width = max(len(label) for label in rows.values()) + 2
     lines = [" " * width + "".join(f"{label:>16}" for _, label in columns)]
     for row, label in rows.items():
@@ -375,9 +377,12 @@ def format_table(results: Mapping[str, float], rows: Mapping[str, str], columns:
             if np.isnan(mean):
                 cells.append(f"{'-':>16}")
             else:
-                cells.append(f"{mean:>16.1f}" if std is None else f"{f'{mean:.1f} ± {100 * std:.1f}':>16}")
+                cells.append(f"{mean:>16.1f}" if std is None or np.isnan(std) else f"{f'{mean:.1f} ± {100 * std:.1f}':>16}")
         lines.append(f"{label:<{width}}" + "".join(cells))
-    lines.append(f"(in %; variant rows: mean ± sample std over {seeds} seed(s))")
+    if seeds > 1:
+        lines.append(f"(in %; variant rows: mean ± sample std over {seeds} seeds)")
+    else:
+        lines.append("(in %; one seed)")
     return "\n".join(lines)
 
 
