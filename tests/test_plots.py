@@ -273,6 +273,13 @@ def test_rar_candidate_curves_use_the_variants_at_the_main_shots_and_the_widest_
     np.testing.assert_allclose(labels["CLIP+kNN (the first candidate)"].get_ydata(), 31.0)
     np.testing.assert_allclose(labels["CLIP zero-shot (frozen)"].get_ydata(), 14.0)
     assert "candidate" in ax.get_xlabel() and "%" in ax.get_ylabel()
+    assert [tick.get_text() for tick in ax.get_xticklabels()] == ["1", "2", "4", "5", "8", "10"]  # 10 ks: not all
+
+
+def test_rar_k_axis_labels_few_ks_all_and_a_long_sweep_without_neighbours():
+    assert rar.tick_ks([5, 10, 20]) == [5, 10, 20]
+    assert rar.tick_ks(list(range(1, 21))) == [1, 2, 4, 5, 8, 10, 16, 20]
+    assert rar.tick_ks(list(range(1, 13))) == [1, 2, 4, 5, 8, 10, 12]
 
 
 # --------------------------------------------------------------------------------------------------

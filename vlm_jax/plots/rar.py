@@ -48,6 +48,14 @@ def candidate_points(workdir: Workdir) -> tuple[int, dict[str, tuple[np.ndarray,
     return shots, points
 
 
+def tick_ks(ks: list[int]) -> list[int]:
+    """The k axis' labelled ticks: every k up to 8 of them, else the powers of two, 5, the multiples of
+    10 and the largest k (on a log axis, a sweep's every k from 1 to 20 would print labels over each other)."""
+    if len(ks) <= 8:
+        return ks
+    return [k for k in ks if k & (k - 1) == 0 or k == 5 or k % 10 == 0 or k == ks[-1]]
+
+
 def candidates_figure(workdir: Workdir):
     shots, points = candidate_points(workdir)
     if not points:
@@ -64,7 +72,7 @@ def candidates_figure(workdir: Workdir):
         value = workdir.results.get(f"{row}/knn_top1")
         if finite(value):
             ax.axhline(100 * value, color=draw.BASELINE_COLOR, linestyle=style, linewidth=1.3, label=label)
-    ks = sorted({int(k) for ks, _, _ in points.values() for k in ks})
+    ks = tick_ks(sorted({int(k) for ks, _, _ in points.values() for k in ks}))
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.minorticks_off()
