@@ -361,7 +361,7 @@ def _check_the_console_plots_and_events(workdir: pathlib.Path, run: subprocess.C
     for stage in ("clip", "memory", "train_embeddings", "eval_embeddings", "baseline"):
         assert sum(line.startswith(f"{stage}: ") for line in run.stdout.splitlines()) == 1, stage
     lines = run.stdout.rstrip().splitlines()
-    (table_end,) = [i for i, line in enumerate(lines) if line.startswith("(in %; variant rows")]
+    (table_end,) = [i for i, line in enumerate(lines) if line == "(in %; one seed)"]  # the smoke preset: 1 seed
     tail = lines[table_end + 1:]
     assert [line.split(":")[0] for line in tail[:3]] == ["results", "plots", "log"], tail
     assert tail[0] == f"results: {workdir / 'results.json'}" and tail[2] == f"log:     {workdir / 'log.txt'}"
