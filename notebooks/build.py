@@ -149,7 +149,7 @@ BARS = _source('''
         """Bars of results.json in %: per metric a group of rows (mean ± sample std over seeds), or per row
         a group of metrics; rows and metrics map results' names to labels."""
         means = np.asarray([[100 * results[f"{row}/{metric}"] for metric in metrics] for row in rows])
-        # A row of one seed has no std (nan in results.json): no error bar.
+        # A row of one seed has no std (nan in results.json): its error bar has zero length.
         stds = np.nan_to_num([[100 * results.get(f"{row}/{metric}/std", 0.0) for metric in metrics] for row in rows])
         groups, bars = (rows, metrics) if group_by_row else (metrics, rows)
         if group_by_row:

@@ -379,10 +379,7 @@ def format_table(results: Mapping[str, float], rows: Mapping[str, str], columns:
             else:
                 cells.append(f"{mean:>16.1f}" if std is None or np.isnan(std) else f"{f'{mean:.1f} ± {100 * std:.1f}':>16}")
         lines.append(f"{label:<{width}}" + "".join(cells))
-    if seeds > 1:
-        lines.append(f"(in %; variant rows: mean ± sample std over {seeds} seeds)")
-    else:
-        lines.append("(in %; one seed)")
+    lines.append(f"(in %; variant rows: mean ± sample std over {seeds} seeds)" if seeds > 1 else "(in %; one seed)")
     return "\n".join(lines)
 
 
