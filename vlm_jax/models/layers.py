@@ -386,6 +386,10 @@ def _apply_block(block: Block, hidden: jax.Array, key_mask: jax.Array | None, is
     return block(hidden, key_mask=key_mask, is_causal=is_causal, num_queries=num_queries, query_rows=query_rows)
 
 
+# What a rematerialized block may keep for the backward: `jax.checkpoint_policies` that take no arguments.
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable", "everything_saveable")
+
+
 class Encoder(nnx.Module):
     """A stack of self-attention Blocks (``layers.<i>``), optionally rematerialized per block.
 
@@ -408,12 +412,16 @@ class Encoder(nnx.Module):
         *,
         eps: float,
         remat: bool = False,
+        remat_policy: str = "nothing_saveable",
         scan: bool = False,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.remat = remat
+        if remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy {remat_policy!r} is not one of {list(REMAT_POLICIES)}")
+        self.remat_policy = remat_policy
         self.scan = scan
         self.layers = nnx.List([
             Block(width, heads, mlp_dim, act, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -423,7 +431,8 @@ class Encoder(nnx.Module):
                  num_queries: int | None = None, query_rows: jax.Array | None = None) -> jax.Array:
         """hidden [B, T, width], key_mask bool [B, T] or None -> [B, T, width], or [B, Q, width] when the
         last block computes only the rows a pooling reads: the first Q (num_queries) or query_rows int [B, Q]."""
-        apply = nnx.remat(_apply_block, static_argnums=(3, 4)) if self.remat else _apply_block
+        policy = getattr(jax.checkpoint_policies, self.remat_policy)
+        apply = nnx.remat(_apply_block, static_argnums=(3, 4), policy=policy) if self.remat else _apply_block
         *blocks, last = self.layers
         if self.scan and blocks:
             graphdef = nnx.graphdef(blocks[0])
@@ -432,8 +441,8 @@ class Encoder(nnx.Module):
             def body(carry: jax.Array, params) -> tuple[jax.Array, None]:
                 return _apply_block(nnx.merge(graphdef, params), carry, key_mask, is_causal), None
 
-            hidden, _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False) if self.remat else body, hidden,
-                                     stacked)
+            hidden, _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False, policy=policy) if self.remat else body,
+                                     hidden, stacked)
         else:
             for layer in blocks:
                 hidden = apply(layer, hidden, key_mask, is_causal)

@@ -1,6 +1,6 @@
 """The transformers config.json <-> `CLIPConfig` mapping (CLIPModel and SiglipModel).
 
-Fields transformers does not store (dtype, param_dtype, remat, scan_layers) come from the caller; fields a
+Fields transformers does not store (dtype, param_dtype, remat, remat_policy, scan_layers) come from the caller; fields a
 config.json omits take the transformers config classes' defaults.
 """
 

@@ -227,7 +227,7 @@ def save_pretrained(model: CLIP, path: epath.PathLike, *, tokenizer: Any = None,
 # config.json model_type of vlm_jax's own format.
 NATIVE_MODEL_TYPE = "vlm_jax_clip"
 # CLIPConfig fields chosen when loading (dtype, param_dtype arguments), not stored.
-_LOAD_TIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers")
+_LOAD_TIME_FIELDS = ("dtype", "param_dtype", "remat", "remat_policy", "scan_layers")
 # The text position embedding, by its transformers name and by ours (`text_context_length`).
 _HF_TEXT_POSITIONS = "text_model.embeddings.position_embedding.weight"
 _TEXT_POSITIONS = "text_model.embeddings.position_embedding.embedding"
