@@ -13,13 +13,21 @@ train on the same fixed batch, so only the step is timed (no input pipeline).
 Shapes ("--shapes"): `shapes` is the Shapes World default CLIP config of experiments/clip.py (its
 model, optimizer, mesh and global batch); `vit_b32` / `vit_b16` are OpenAI CLIP's shapes with that
 config's optimizer. The first step's loss of both sides must agree to 1e-4 (relative); the step
-after compilation and `--warmup` more are untimed; then ours and the reference alternate, one step
-each, `--iters` times, so load from other processes hits both alike. Reported: samples/s from the
-median step time, and the ratio ours / reference.
+after compilation and `--warmup` more are untimed; then ours and the reference take turns of
+`--block` timed steps until each has `--iters`, so load from other processes hits both alike.
+Each turn starts with one untimed step, because the first step after ~10 s of other work (or of
+sleep) is slow on the 2-core VM this was measured on: ViT-B/32 takes 17.2 s after 12 s idle against
+10.1 s back to back, with the same page faults (XLA maps the step's 4.5 GB of temporaries afresh
+each call), 67% of that step in the kernel's page clearing (`perf`), as when the host reclaims
+memory the guest freed. The side that touches more fresh memory pays more, and a training loop
+runs its steps back to back, so steady-state steps are the ones compared.
+Reported: samples/s from the median step time, and the ratio ours / reference.
 
   JAX_PLATFORMS=cpu .venv/bin/python benchmarks/train_step.py
   JAX_PLATFORMS=cpu .venv/bin/python benchmarks/train_step.py --shapes shapes,vit_b32 --iters 5
   JAX_PLATFORMS=cpu .venv/bin/python benchmarks/train_step.py --shapes vit_b32 --breakdown
+  JAX_PLATFORMS=cpu .venv/bin/python benchmarks/train_step.py --shapes vit_b32 --remat \
+      --remat_policy dots_with_no_batch_dims_saveable
 
 --breakdown also times forward only and forward + backward on both sides, so the optimizer update
 is the remainder. --mfu instead runs only ours, ViT-B/16 in bfloat16 (float32 master weights and
@@ -59,14 +67,18 @@ def _parse_args() -> argparse.Namespace:
                         help="comma-separated: shapes (experiments/clip.py default), vit_b32, vit_b16")
     parser.add_argument("--batches", default=DEFAULT_BATCHES,
                         help="name=batch per shape; shapes not listed use the experiment's global batch")
-    parser.add_argument("--iters", type=int, default=3, help="timed steps per implementation")
+    parser.add_argument("--iters", type=int, default=4, help="timed steps per implementation")
+    parser.add_argument("--block", type=int, default=2,
+                        help="timed steps per turn; each turn of one side starts with one untimed step")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (compiling) one")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     parser.add_argument("--breakdown", action="store_true", help="also time forward and forward + backward")
     parser.add_argument("--mfu", action="store_true", help="ViT-B/16 bf16 MFU of ours only (a GPU run)")
     parser.add_argument("--mfu_batch", type=int, default=0, help="0: 256 on an accelerator, 4 on CPU")
     parser.add_argument("--mfu_steps", type=int, default=10, help="timed steps of the --mfu run")
-    parser.add_argument("--remat", action="store_true", help="--mfu: rematerialize each block (as cc12m_b16)")
+    parser.add_argument("--remat", action="store_true", help="rematerialize each of our blocks (as cc12m_b16)")
+    parser.add_argument("--remat_policy", default="nothing_saveable",
+                        help="with --remat: what a block keeps for the backward (CLIPConfig.remat_policy)")
     parser.add_argument("--peak_tflops", type=float, default=989.0,
                         help="--mfu: device peak TFLOP/s in the compute dtype (H100 SXM bf16 dense: 989)")
     parser.add_argument("--json", default="", help="also write the results to this file")
@@ -100,7 +112,7 @@ def _experiment_config():
 
 
 def benchmark_setup(shape: str, batch: int | None, tokenizer_dir: str, *, dtype: str = "float32",
-                    remat: bool = False):
+                    remat: bool = False, remat_policy: str = "nothing_saveable"):
     """(experiment config, ClipMethod) for one shape; the optimizer and mesh are the Shapes World preset's."""
     from vlm_jax import models
     from vlm_jax.data import shapes_world
@@ -112,7 +124,7 @@ def benchmark_setup(shape: str, batch: int | None, tokenizer_dir: str, *, dtype:
         shapes_world.save_tokenizer(tokenizer_dir)
         tokenizer = Tokenizer.from_dir(tokenizer_dir, context_length=int(config.model.text.context_length))
     elif shape in ("vit_b32", "vit_b16"):
-        model = getattr(models, shape)(dtype=dtype, remat=remat)
+        model = getattr(models, shape)(dtype=dtype, remat=remat, remat_policy=remat_policy)
         config.model = model_config_dict(model)
         text = model.text
         tokenizer = PresetVocabulary(text.vocab_size, text.eos_token_id, text.pad_token_id, text.bos_token_id)
@@ -120,7 +132,7 @@ def benchmark_setup(shape: str, batch: int | None, tokenizer_dir: str, *, dtype:
         raise ValueError(f"--shapes entry {shape!r} is not one of shapes, vit_b32, vit_b16.")
     if batch:
         config.global_batch_size = batch
-    config.model.dtype, config.model.remat = dtype, remat
+    config.model.dtype, config.model.remat, config.model.remat_policy = dtype, remat, remat_policy
     return config, ClipMethod(tokenizer=tokenizer)
 
 
@@ -257,15 +269,26 @@ class TorchStep:
 # --------------------------------------------------------------------------------------------------
 
 
-def _alternate(functions: list, iters: int) -> list[list[float]]:
-    """Seconds per call of each function, called in turn (A B A B ...)."""
+def _alternate(functions: list, iters: int, block: int) -> list[list[float]]:
+    """Seconds per call of each function, `iters` calls each, taken in turns of `block` calls.
+
+    Each turn starts with one untimed call: the first step after the other side's turn is slow on
+    a VM whose host reclaims freed memory (see the module docstring).
+    """
     times = [[] for _ in functions]
-    for _ in range(iters):
+    while len(times[0]) < iters:
         for fn, fn_times in zip(functions, times):
-            start = time.perf_counter()
             fn()
-            fn_times.append(time.perf_counter() - start)
+            for _ in range(min(block, iters - len(fn_times))):
+                start = time.perf_counter()
+                fn()
+                fn_times.append(time.perf_counter() - start)
     return times
+
+
+def _calls_per_function(args) -> int:
+    """Calls `compare` makes of each step: the first, the warm-up, the timed ones, one per turn."""
+    return 1 + args.warmup + args.iters + -(-args.iters // args.block)
 
 
 def compare(shape: str, batch: int | None, args) -> dict:
@@ -278,7 +301,8 @@ def compare(shape: str, batch: int | None, args) -> dict:
 
     load_before = _load()
     with tempfile.TemporaryDirectory() as directory:
-        config, method = benchmark_setup(shape, batch, os.path.join(directory, "tokenizer"))
+        config, method = benchmark_setup(shape, batch, os.path.join(directory, "tokenizer"), remat=args.remat,
+                                         remat_policy=args.remat_policy)
         ours = build_trainer_step(config, method)
         training = ours.training
         batch_size = int(config.global_batch_size)
@@ -287,7 +311,7 @@ def compare(shape: str, batch: int | None, args) -> dict:
                         os.path.join(directory, "hf"))
         optim_section = optim.optim_config().to_dict() | dict(config.optim)
         schedule = optim.make_schedule(optim_section)
-        lrs = np.asarray(jax.jit(jax.vmap(schedule))(np.arange(args.warmup + args.iters + 1)))
+        lrs = np.asarray(jax.jit(jax.vmap(schedule))(np.arange(_calls_per_function(args))))
         reference = TorchStep(os.path.join(directory, "hf"), optim_section, lambda step: lrs[step], host_batch)
     device_batch = sharding.shard_batch(host_batch, training.mesh, training.batch_axes)
 
@@ -324,9 +348,10 @@ def compare(shape: str, batch: int | None, args) -> dict:
         for fn in timed:
             fn()
     # Full steps and their parts share one alternating loop, so a change of load hits every part.
-    times = _alternate(timed, args.iters)
+    times = _alternate(timed, args.iters, args.block)
     medians = [statistics.median(t) for t in times]
-    row = dict(shape=shape, batch=batch_size, iters=args.iters,
+    row = dict(shape=shape, batch=batch_size, iters=args.iters, block=args.block,
+               remat=args.remat and args.remat_policy,
                params=int(sum(np.prod(x.shape) for x in jax.tree.leaves(training.state["params"]))),
                ours_per_s=batch_size / medians[0], reference_per_s=batch_size / medians[1],
                ours_step_s=times[0], reference_step_s=times[1],
@@ -340,7 +365,8 @@ def compare(shape: str, batch: int | None, args) -> dict:
             for i, side in enumerate(("ours", "reference"))
         }
     row["load_before"], row["load_after"] = load_before, _load()
-    line = (f"{shape} batch {batch_size}: ours {row['ours_per_s']:.2f} samples/s, PyTorch "
+    remat = f" (remat {args.remat_policy})" if args.remat else ""
+    line = (f"{shape}{remat} batch {batch_size}: ours {row['ours_per_s']:.2f} samples/s, PyTorch "
             f"{row['reference_per_s']:.2f} samples/s, ratio {row['ratio']:.2f}x  (first-step loss "
             f"{ours_loss:.5f} vs {reference_loss:.5f}, rel {relative:.1e}; our first step {ours_first_s:.1f}s; "
             f"load {load_before:.1f} -> {row['load_after']:.1f})")
@@ -383,7 +409,8 @@ def mfu(args) -> dict:
     device = jax.devices()[0]
     batch = args.mfu_batch or (4 if device.platform == "cpu" else 256)
     with tempfile.TemporaryDirectory() as directory:
-        config, method = benchmark_setup("vit_b16", batch, directory, dtype="bfloat16", remat=args.remat)
+        config, method = benchmark_setup("vit_b16", batch, directory, dtype="bfloat16", remat=args.remat,
+                                         remat_policy=args.remat_policy)
     ours = build_trainer_step(config, method)
     training = ours.training
     device_batch = sharding.shard_batch(make_batch(ours.model_config, batch), training.mesh, training.batch_axes)
