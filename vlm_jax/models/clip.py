@@ -129,8 +129,9 @@ class CLIPConfig:
     remat_policy: what a rematerialized block keeps for the backward, one of `REMAT_POLICIES` (names
       in `jax.checkpoint_policies`): "nothing_saveable" recomputes the whole block;
       "dots_with_no_batch_dims_saveable" keeps the projection and MLP matmul outputs and recomputes
-      the norms, activations and attention, which halves ViT-B/32's per-step temporaries (4.5 -> 2.2
-      GB at batch 32) for about 0.3% more FLOPs and is the faster step on CPU (RESULTS.md).
+      the norms, activations and attention, which halves ViT-B/32's freshly touched step memory (page
+      faults 1.10M -> 0.54M per step at batch 32, about 4.5 -> 2.2 GB) for at most the step's non-matmul
+      FLOPs (~0.3%) again, and is the faster step on CPU (RESULTS.md, profile_towers).
     scan_layers: run each tower's blocks (but the last) as a `jax.lax.scan` (`layers.Encoder`); the
       params are the same either way. Unrolled, XLA's CPU backend recomputes LayerNorm gradients
       across blocks and ViT-B/32's train step is 1.4x slower.
