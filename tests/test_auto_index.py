@@ -1,6 +1,7 @@
 """backend="auto": measured choice, the recorded numbers, restore without measuring, the exact fallback."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -198,3 +199,44 @@ def test_exact_neighbours_skip_each_querys_own_row_across_chunks():
     scores = keys[rows] @ keys.T
     scores[np.arange(3), rows] = -np.inf
     np.testing.assert_array_equal(found, np.argsort(-scores, axis=1, kind="stable")[:, :5])
+
+
+class _SleepingIndex:
+    """Stands in for a MemoryIndex whose passes take the given seconds (the last one from then on)."""
+
+    def __init__(self, seconds):
+        self.seconds, self.passes = list(seconds), 0
+
+    def search(self, queries, k):
+        time.sleep(self.seconds[min(self.passes, len(self.seconds) - 1)])
+        self.passes += 1
+        return None, np.zeros((len(queries), k), np.int64)
+
+
+def test_deciding_rung_keeps_its_fastest_pass_over_the_measuring_time():
+    queries = np.zeros((100, 4), np.float32)
+    # A slow first pass (as after other work), then 10 ms passes: the measuring time finds them.
+    index = _SleepingIndex([0.05, 0.01])
+    qps = auto._fastest_pass(index, queries, 1, seconds=0.15)
+    assert index.passes >= 4
+    assert 100 / 0.03 < qps <= 100 / 0.01  # sleep never undershoots
+    # No measuring time: one pass, the slow one.
+    index = _SleepingIndex([0.05, 0.01])
+    assert auto._fastest_pass(index, queries, 1, seconds=0.0) <= 100 / 0.05 and index.passes == 1
+    # A q/s already measured counts as a pass.
+    assert auto._fastest_pass(_SleepingIndex([0.05]), queries, 1, seconds=0.0, qps=1e6) == 1e6
+
+
+def test_auto_measure_s_reaches_the_deciding_rungs(memory, monkeypatch):
+    """The measuring time reaches each deciding rung: with it 0 every rung is searched once plus one
+    more pass; with it set, the deciding rungs are searched again until it has passed."""
+    passes = []
+    real = auto._search
+    monkeypatch.setattr(auto, "_search", lambda *args: passes.append(1) or real(*args))
+    config = {**AUTO, "auto_candidates": ("exact",)}
+    index_lib.build_index({**config, "auto_measure_s": 0.0}, memory[0])
+    once = len(passes)
+    passes.clear()
+    started = time.perf_counter()
+    index_lib.build_index({**config, "auto_measure_s": 0.3}, memory[0])
+    assert time.perf_counter() - started >= 0.3 and len(passes) > once

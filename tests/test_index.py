@@ -321,7 +321,8 @@ def test_new_config_fields_are_validated_and_round_trip_through_json():
                                   ("auto_threads", -1, "auto_threads must be an integer >= 0"),
                                   ("auto_candidates", ("exact", "auto"), "auto_candidates must name"),
                                   ("auto_candidates", (), "auto_candidates must name"),
-                                  ("auto_confirm", -1, "auto_confirm must be an integer >= 0")):
+                                  ("auto_confirm", -1, "auto_confirm must be an integer >= 0"),
+                                  ("auto_measure_s", -0.5, "auto_measure_s must be a number of seconds >= 0")):
         with pytest.raises(ValueError, match=message):
             index_lib.IndexConfig.from_any({field: value})
     config = index_lib.IndexConfig.from_any({"backend": "auto", "auto_candidates": ["hnsw", "exact"],

@@ -97,6 +97,8 @@ class IndexConfig:
       auto_k: neighbours per query whose recall is measured.
       auto_threads: threads every candidate is measured with (None: num_threads).
       auto_confirm: approximate candidates, fastest on the screen first, then measured on the memory.
+      auto_measure_s: seconds each candidate's deciding rung is searched again for; its fastest pass
+        counts (a pass over auto_queries can take milliseconds, too short to time once).
     """
 
     backend: str = "exact"
@@ -127,6 +129,7 @@ class IndexConfig:
     auto_k: int = 10
     auto_threads: int | None = None
     auto_confirm: int = 2
+    auto_measure_s: float = 0.25
 
     def __post_init__(self):
         if not isinstance(self.backend, str):
@@ -139,6 +142,8 @@ class IndexConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
+        if not isinstance(self.auto_measure_s, (int, float)) or self.auto_measure_s < 0:
+            raise ValueError(f"auto_measure_s must be a number of seconds >= 0, got {self.auto_measure_s!r}.")
         if not 0.0 < self.recall_target <= 1.0:
             raise ValueError(f"recall_target must be in (0, 1], got {self.recall_target!r}.")
         candidates = self.auto_candidates
