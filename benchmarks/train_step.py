@@ -21,10 +21,13 @@ sleep) is slow on the 2-core VM this was measured on: ViT-B/32 takes 17.2 s afte
 each call), 67% of that step in the kernel's page clearing (`perf`), as when the host reclaims
 memory the guest freed. The side that touches more fresh memory pays more, and a training loop
 runs its steps back to back, so steady-state steps are the ones compared.
-Reported: samples/s from the median step time, and the ratio ours / reference.
+Reported: samples/s from the median step time, and the ratio ours / reference. On a shared 2-core
+CPU one side's ViT-B/32 steps spread over 8.7-13.5 s within a run, so a ratio from the default 4
+steps per side varied 0.97-1.24x between idle runs; `--iters 8` gave 1.16x and 1.15x (RESULTS.md).
 
   JAX_PLATFORMS=cpu .venv/bin/python benchmarks/train_step.py
   JAX_PLATFORMS=cpu .venv/bin/python benchmarks/train_step.py --shapes shapes,vit_b32 --iters 5
+  JAX_PLATFORMS=cpu .venv/bin/python benchmarks/train_step.py --shapes vit_b32 --iters 8
   JAX_PLATFORMS=cpu .venv/bin/python benchmarks/train_step.py --shapes vit_b32 --breakdown
   JAX_PLATFORMS=cpu .venv/bin/python benchmarks/train_step.py --shapes vit_b32 --remat \
       --remat_policy dots_with_no_batch_dims_saveable
